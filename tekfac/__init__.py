@@ -1,0 +1,13 @@
+"""tekfac: Kronecker-factored second-order optimizers (KFAC, EKFAC, TKFAC, TEKFAC) for PyTorch.
+
+See DESIGN.md for the mathematics; :class:`KroneckerOptimizer` for the update rule.
+"""
+
+from tekfac.config import METHODS, CurvatureConfig
+from tekfac.curvature import Curvature
+from tekfac.optim import EKFAC, KFAC, TEKFAC, TKFAC, KroneckerOptimizer
+from tekfac.preconditioner import Preconditioner
+
+__all__ = ["EKFAC", "KFAC", "METHODS", "TEKFAC", "TKFAC", "Curvature", "CurvatureConfig",
+           "KroneckerOptimizer", "Preconditioner"]
+__version__ = "0.1.0"

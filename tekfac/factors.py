@@ -1,0 +1,100 @@
+"""The two factor kinds that give the Kronecker-factored eigenbasis (DESIGN.md §2(a)).
+
+Inputs are one batch of a layer: ``a`` of shape ``(N, T, d_in)`` and per-example output
+gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`). Each kind returns the
+batch estimate of an input-side factor ``(d_in, d_in)``, an output-side factor
+``(d_out, d_out)`` and a scalar scale ``δ`` such that its Kronecker approximation is
+``F̂ = δ · out ⊗ in`` (``δ = 1`` for KFAC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+#: Largest number of elements of per-example gradients materialised at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class FactorStatistics(NamedTuple):
+    """One batch's factors: ``factor_in (d_in, d_in)``, ``factor_out (d_out, d_out)``,
+    ``scale`` (0-dim, ``δ``)."""
+
+    factor_in: Tensor
+    factor_out: Tensor
+    scale: Tensor
+
+
+def kronecker_factors(a: Tensor, g: Tensor) -> FactorStatistics:
+    """KFAC / KFC factors.
+
+    .. math:: A = \\frac{1}{N T} \\sum_i A_i A_i^T, \\quad G = \\frac{1}{N} \\sum_i G_i G_i^T,
+              \\quad δ = 1.
+    """
+    n, t = a.shape[0], a.shape[1]
+    a2 = a.reshape(n * t, -1)
+    g2 = g.reshape(n * t, -1)
+    return FactorStatistics(a2.T @ a2 / (n * t), g2.T @ g2 / n, a.new_ones(()))
+
+
+def trace_restricted_factors(a: Tensor, g: Tensor) -> FactorStatistics:
+    """TKFAC factors (Gao et al. 2020), each normalised to trace one.
+
+    With ``Λ_i = A_i A_i^T`` and ``Γ_i = G_i G_i^T``:
+
+    .. math:: Φ ∝ E[\\operatorname{tr}(Γ_i) Λ_i], \\quad Ψ ∝ E[\\operatorname{tr}(Λ_i) Γ_i],
+              \\quad δ = E[\\|G_i A_i^T\\|_F^2] = \\operatorname{tr} F,
+
+    so ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1`` (Linear) ``δ = E[tr Λ_i tr Γ_i]``.
+    """
+    n = a.shape[0]
+    tr_a = a.square().sum(dim=(1, 2))  # (N,) tr Λ_i
+    tr_g = g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
+    phi = _weighted_covariance(a, tr_g)
+    psi = _weighted_covariance(g, tr_a)
+    delta = per_example_sq_norms(a, g).sum() / n
+    return FactorStatistics(_unit_trace(phi), _unit_trace(psi), delta)
+
+
+def _weighted_covariance(x: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_i w_i X_i X_i^T`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``."""
+    xw = x * weights.sqrt()[:, None, None]
+    x2 = xw.reshape(-1, x.shape[-1])
+    return x2.T @ x2
+
+
+def _unit_trace(m: Tensor) -> Tensor:
+    """``m / tr(m)``; a zero matrix stays zero."""
+    tr = torch.diagonal(m).sum()
+    return m / torch.where(tr > 0, tr, torch.ones_like(tr))
+
+
+def per_example_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``||D_i||_F^2 = ||G_i A_i^T||_F^2`` for every example; shape ``(N,)``.
+
+    For ``T = 1`` this is ``||a_i||^2 ||g_i||^2``. Otherwise the cheaper of two exact forms:
+    ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` via ``T×T`` Gram matrices (cost ``T²(d_in+d_out)``) or the
+    per-example gradients themselves (cost ``T·d_in·d_out``).
+    """
+    _, t, d_in = a.shape
+    d_out = g.shape[-1]
+    if t == 1:
+        return a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+    if t * (d_in + d_out) < d_in * d_out:
+        return (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.cat([d.square().sum(dim=(1, 2)) for d in per_example_gradients(a, g)])
+
+
+def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:
+    """``D_i = G_i A_i^T`` in chunks over the batch, each of shape ``(n_chunk, d_out, d_in)``,
+    at most :data:`CHUNK_ELEMENTS` elements at a time."""
+    n, _, d_in = a.shape
+    chunk = max(1, CHUNK_ELEMENTS // (d_in * g.shape[-1]))
+    for start in range(0, n, chunk):
+        yield g[start:start + chunk].transpose(1, 2) @ a[start:start + chunk]
+
+
+FACTOR_FUNCTIONS = {"kronecker": kronecker_factors, "trace_restricted": trace_restricted_factors}

@@ -1,0 +1,315 @@
+"""The Kronecker-factored preconditioner: statistics, eigenbases, scalings (DESIGN.md §4.1–4).
+
+:class:`Preconditioner` owns the per-layer state and orchestrates the pure kernels of
+:mod:`tekfac.factors`, :mod:`tekfac.scaling` and :mod:`tekfac.damping`. Used alone it rewrites
+the ``.grad`` of the supported layers, so any ``torch.optim`` optimizer can take the step;
+:class:`tekfac.optim.KroneckerOptimizer` composes it with KL clipping and momentum SGD.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from tekfac.capture import Capture
+from tekfac.config import CurvatureConfig
+from tekfac.curvature import STATE_KEYS, Curvature, LayerState
+from tekfac.factors import FACTOR_FUNCTIONS
+from tekfac.fisher import sample_targets, sampled_loss
+from tekfac.layers import KroneckerLayer, is_supported
+from tekfac.linalg import symmetric_eigh
+from tekfac.scaling import carry_scaling, corrected_scaling, kronecker_scaling
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped module of ``DistributedDataParallel`` / ``DataParallel``, else ``model``."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def find_layers(model: nn.Module, exclude: Iterable[nn.Module | str] = ()) -> list[KroneckerLayer]:
+    """The supported, trainable, not excluded layers of ``model`` in module order.
+
+    ``exclude`` holds modules, or ``fnmatch`` patterns matched against qualified module names
+    (``"classifier.*"``). Excluding a module excludes its sub-modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
+    exclude = list(exclude)
+    for item in exclude:
+        if not isinstance(item, (nn.Module, str)):
+            raise TypeError(f"Invalid exclude entry {item!r}: expected a module or a name pattern")
+    excluded_modules = {id(m) for e in exclude if isinstance(e, nn.Module) for m in e.modules()}
+    patterns = [e for e in exclude if isinstance(e, str)]
+    layers = []
+    for name, module in model.named_modules():
+        if not is_supported(module) or id(module) in excluded_modules:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*")
+               for p in patterns):
+            continue
+        if not all(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        layers.append(KroneckerLayer(name, module))
+    return layers
+
+
+class Preconditioner:
+    """Kronecker-factored preconditioning of a model's Linear and Conv layers.
+
+    Example (empirical Fisher, any torch optimizer)::
+
+        pre = tekfac.Preconditioner(model, method="tekfac", fisher="empirical")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss.backward(); pre.step(); opt.step()
+
+    With the default MC Fisher call ``pre.backward(loss, outputs)`` instead of
+    ``loss.backward()``. ``step()`` updates the statistics that are due and replaces the
+    gradient of every tracked layer by ``(F̂ + damping)^{-1} ∇``; other parameters keep their
+    gradient.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        method: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
+        exclude: modules or module-name patterns to leave to the first-order rule.
+        seed: seed of the MC label sampler; default ``torch.initial_seed()``.
+        **options: :class:`tekfac.config.CurvatureConfig` fields (damping, fisher, loss, ...).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "tekfac", *,
+                 exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
+                 **options: object):
+        self.config = CurvatureConfig.for_method(method, **options)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"Invalid seed: {seed!r}; expected an int or None")
+        self.model = unwrap(model)
+        self.layers = find_layers(self.model, exclude)
+        self.states = {layer: LayerState() for layer in self.layers}
+        self._by_module = {layer.module: layer for layer in self.layers}
+        self.capture = Capture(self.layers, keep_outputs=self.config.fisher == "mc")
+        self.steps = 0
+        self.seed = torch.initial_seed() if seed is None else seed
+        self._generator: torch.Generator | None = None
+        self._sampled = False
+        self._warned: set[str] = set()
+        self.capture.recording = self.statistics_due
+
+    # ---------------------------------------------------------------- schedule
+    def _due(self, freq: int) -> bool:
+        return self.steps % freq == 0
+
+    @property
+    def statistics_due(self) -> bool:
+        """Whether the current step collects statistics (factors or corrected scaling)."""
+        c = self.config
+        return self._due(c.cov_update_freq) or (
+            c.scaling == "corrected" and self._due(c.scale_update_freq))
+
+    # ---------------------------------------------------------------- user-facing calls
+    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+        """Backpropagate ``loss``; on MC statistics steps first backpropagate a loss at labels
+        sampled from ``outputs`` to record the output gradients (DESIGN.md §1).
+
+        Afterwards ``.grad`` holds the gradient of ``loss`` only. ``outputs`` are the model's
+        predictions that ``loss`` was computed from (logits for the classification losses).
+        """
+        if self.config.fisher == "mc" and self.capture.outputs:
+            targets = sample_targets(self.config.loss, outputs, self._rng(outputs.device))
+            sampled = sampled_loss(self.config.loss, outputs, targets, self.config.reduction)
+            layers = list(self.capture.outputs)
+            grads = torch.autograd.grad(sampled, [self.capture.outputs[la] for la in layers],
+                                        retain_graph=True, allow_unused=True)
+            for layer, grad in zip(layers, grads):
+                if grad is not None:
+                    self.capture.output_grads[layer] = grad.detach()
+            self.capture.outputs.clear()
+            self._sampled = True
+        loss.backward()
+
+    def step(self) -> None:
+        """Update the statistics that are due and precondition the gradients in place."""
+        self.update_curvature()
+        for layer, direction in self.directions().items():
+            for param, piece in zip(layer.params, layer.split(direction)):
+                param.grad.copy_(piece)
+
+    def curvature(self, module: nn.Module) -> Curvature:
+        """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""
+        layer = self._by_module.get(module) if isinstance(module, nn.Module) else None
+        if layer is None:
+            tracked = ", ".join(la.name for la in self.layers)
+            raise KeyError(f"{type(module).__name__} is not tracked by this optimizer; tracked "
+                           f"layers: {tracked}")
+        return Curvature(layer, self.states[layer], self.config)
+
+    # ---------------------------------------------------------------- the update
+    def update_curvature(self) -> None:
+        """Fold this step's statistics into the running estimates (DESIGN.md §4.1–3) and
+        advance the step counter."""
+        if self.statistics_due:
+            c = self.config
+            batch = self._collect()
+            cov, eig, scale = (self._due(c.cov_update_freq), self._due(c.eigen_update_freq),
+                               self._due(c.scale_update_freq))
+            for layer, (a, g) in batch.items():
+                state = self.states[layer]
+                if cov:
+                    self._update_factors(layer, state, a, g)
+                if state.factor_in is not None and (eig or state.basis_in is None):
+                    self._update_basis(layer, state)
+                if c.scaling == "corrected" and scale and state.basis_in is not None:
+                    self._update_corrected(layer, state, a, g)
+        self.steps += 1
+        self.capture.clear()
+        self.capture.recording = self.statistics_due
+        self._sampled = False
+
+    def directions(self, weight_decay: float = 0.0) -> dict[KroneckerLayer, Tensor]:
+        """Preconditioned ``(d_out, d_in)`` gradient matrices (plus ``weight_decay·M`` before
+        preconditioning) of the layers that have a gradient; a layer without curvature yet
+        keeps its plain gradient."""
+        out = {}
+        for layer in self.layers:
+            grad = layer.gradient_matrix(weight_decay)
+            if grad is None:
+                continue
+            state = self.states[layer]
+            if state.scaling is not None:
+                grad = Curvature(layer, state, self.config).precondition(grad)
+            out[layer] = grad
+        return out
+
+    def _collect(self) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
+        """This step's ``(a, g)`` per layer, in ``factor_dtype``, with ``g`` per example."""
+        cap = self.capture
+        if self.config.fisher == "mc" and cap.inputs and not self._sampled:
+            raise RuntimeError(
+                "fisher='mc' needs the sampled backward on statistics steps: replace "
+                "loss.backward() by optimizer.backward(loss, outputs) (or pass fisher='empirical')")
+        batch = {}
+        for layer, x in cap.inputs.items():
+            gy = cap.output_grads.get(layer)
+            if gy is None:  # the layer did not take part in the loss
+                continue
+            dtype = self.config.factor_dtype or layer.module.weight.dtype
+            a = layer.inputs(x.to(dtype))
+            g = layer.output_gradients(gy.to(dtype))
+            if self.config.reduction == "mean":
+                g = g * a.shape[0]
+            batch[layer] = (a, g)
+        return batch
+
+    def _update_factors(self, layer: KroneckerLayer, state: LayerState, a: Tensor,
+                        g: Tensor) -> None:
+        stats = FACTOR_FUNCTIONS[self.config.factors](a, g)
+        if not self._finite(layer, "statistics", *stats):
+            return
+        first = state.factor_in is None
+        state.factor_in = stats.factor_in if first else self._ema(state.factor_in, stats[0])
+        state.factor_out = stats.factor_out if first else self._ema(state.factor_out, stats[1])
+        state.scale = stats.scale if first else self._ema(state.scale, stats.scale)
+
+    def _update_basis(self, layer: KroneckerLayer, state: LayerState) -> None:
+        new_in, new_out = symmetric_eigh(state.factor_in), symmetric_eigh(state.factor_out)
+        if new_in is None or new_out is None:
+            self._warn_once(layer, "eigendecomposition failed; keeping the previous basis")
+            return
+        (eig_in, basis_in), (eig_out, basis_out) = new_in, new_out
+        if self.config.scaling == "kronecker":
+            state.scaling = kronecker_scaling(eig_in, eig_out, state.scale)
+        elif state.scaling is not None:
+            state.scaling = carry_scaling(state.scaling, state.basis_in, state.basis_out,
+                                          basis_in, basis_out)
+        state.basis_in, state.basis_out = basis_in, basis_out
+        state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
+
+    def _update_corrected(self, layer: KroneckerLayer, state: LayerState, a: Tensor,
+                          g: Tensor) -> None:
+        batch = corrected_scaling(a, g, state.basis_in, state.basis_out)
+        if not self._finite(layer, "corrected scaling", batch):
+            return
+        state.scaling = batch if state.scaling is None else self._ema(state.scaling, batch)
+
+    def _ema(self, old: Tensor, new: Tensor) -> Tensor:
+        return torch.lerp(new, old, self.config.stat_decay)
+
+    def _finite(self, layer: KroneckerLayer, what: str, *tensors: Tensor) -> bool:
+        if all(bool(torch.isfinite(t).all()) for t in tensors):
+            return True
+        self._warn_once(layer, f"non-finite {what}; skipping this update")
+        return False
+
+    def _warn_once(self, layer: KroneckerLayer, message: str) -> None:
+        key = f"{layer.name}: {message}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"tekfac: layer {layer.name!r}: {message}", RuntimeWarning,
+                          stacklevel=3)
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Step counter, per-layer statistics/bases/scalings (keyed by layer name) and the
+        MC sampler's RNG state."""
+        gen = self._generator
+        return {
+            "steps": self.steps,
+            "seed": self.seed,
+            "rng": None if gen is None else {"device": str(gen.device),
+                                             "state": gen.get_state()},
+            "layers": {layer.name: self.states[layer].to_dict() for layer in self.layers},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model."""
+        saved = state_dict.get("layers")
+        if not isinstance(saved, dict):
+            raise ValueError("Invalid state_dict: no 'layers' entry; was it saved by tekfac?")
+        names = [layer.name for layer in self.layers]
+        if sorted(saved) != sorted(names):
+            raise ValueError(f"state_dict does not match the model: it has layers "
+                             f"{sorted(saved)}, the optimizer tracks {sorted(names)}")
+        new_states = {}
+        for layer in self.layers:
+            entry = saved[layer.name]
+            unknown = set(entry) - set(STATE_KEYS)
+            if unknown:
+                raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown}")
+            state = LayerState(**{k: v.to(layer.module.weight.device) for k, v in entry.items()})
+            _check_shapes(layer, state)
+            new_states[layer] = state
+        self.states = new_states
+        self.steps = int(state_dict["steps"])
+        self.seed = int(state_dict["seed"])
+        rng = state_dict.get("rng")
+        self._generator = None
+        if rng is not None:
+            self._generator = torch.Generator(device=rng["device"])
+            self._generator.set_state(rng["state"])
+        self.capture.clear()
+        self.capture.recording = self.statistics_due
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (no more statistics are recorded)."""
+        self.capture.remove()
+
+
+def _check_shapes(layer: KroneckerLayer, state: LayerState) -> None:
+    i, o = layer.d_in, layer.d_out
+    expected = {"factor_in": (i, i), "factor_out": (o, o), "scale": (), "basis_in": (i, i),
+                "basis_out": (o, o), "eig_in": (i,), "eig_out": (o,), "basis_scale": (),
+                "scaling": (o, i)}
+    for key, shape in expected.items():
+        value = getattr(state, key)
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(f"state_dict does not match layer {layer.name!r}: {key} has shape "
+                             f"{tuple(value.shape)}, expected {shape}")

@@ -1,0 +1,46 @@
+"""The two diagonals that scale the Kronecker-factored eigenbasis (DESIGN.md §2(b), §4.3).
+
+Every approximation is ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T`` with ``S`` of shape
+``(d_out, d_in)``; ``U_in (d_in, d_in)`` and ``U_out (d_out, d_out)`` are orthonormal bases.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from tekfac.factors import per_example_gradients
+
+
+def kronecker_scaling(eig_in: Tensor, eig_out: Tensor, scale: Tensor) -> Tensor:
+    """Kronecker eigenvalues ``S = δ · λ_out λ_in^T`` (KFAC: ``δ = 1``); shape
+    ``(d_out, d_in)``."""
+    return scale * eig_out[:, None] * eig_in[None, :]
+
+
+def corrected_scaling(a: Tensor, g: Tensor, basis_in: Tensor, basis_out: Tensor) -> Tensor:
+    """Batch estimate of the EKFAC diagonal (George et al. 2018).
+
+    .. math:: S = E[(U_{out}^T D_i U_{in})^{∘2}], \\quad D_i = G_i A_i^T,
+
+    the exact second moment of per-example gradients in the basis; shape ``(d_out, d_in)``.
+    For ``T = 1`` it is ``(g̃^{∘2})^T (ã^{∘2}) / N`` with ``ã = a U_in``, ``g̃ = g U_out``, so
+    no per-example gradient is materialised.
+    """
+    n = a.shape[0]
+    a_rot = a @ basis_in
+    g_rot = g @ basis_out
+    if a.shape[1] == 1:
+        return g_rot[:, 0].square().T @ a_rot[:, 0].square() / n
+    total = sum(d.square().sum(dim=0) for d in per_example_gradients(a_rot, g_rot))
+    return total / n
+
+
+def carry_scaling(scaling: Tensor, old_in: Tensor, old_out: Tensor, new_in: Tensor,
+                  new_out: Tensor) -> Tensor:
+    """The diagonal of the old ``F̂`` in a new basis (DESIGN.md §4.3).
+
+    .. math:: S' = R_{out} S R_{in}^T, \\quad R = (U_{new}^T U_{old})^{∘2}.
+    """
+    r_out = (new_out.T @ old_out).square()
+    r_in = (new_in.T @ old_in).square()
+    return r_out @ scaling @ r_in.T
