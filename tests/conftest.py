@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny float64 networks and batches for exact-algebra tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tekfac import METHODS
+
+
+class MeanOverSequence(nn.Module):
+    """Average over dim 1 (the sequence) of a ``(N, L, d)`` tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def tiny_net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A tiny float64 network and the shape of one input example."""
+    if kind == "mlp":
+        net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        shape = (5,)
+    elif kind == "cnn":  # stride, padding, 'same' with dilation, no bias
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+            nn.Conv2d(3, 2, 2, padding="same", dilation=2, bias=False), nn.Tanh(),
+            nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        shape = (2, 5, 5)
+    elif kind == "conv1d":
+        net = nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=2), nn.Tanh(),
+                            nn.Conv1d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(2 * 3, 3))
+        shape = (2, 7)
+    elif kind == "sequence":  # Linear with a leading sequence dimension
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), MeanOverSequence(), nn.Linear(4, 3))
+        shape = (4, 3)
+    else:
+        raise ValueError(kind)
+    return net.double(), shape
+
+
+NETS = ["mlp", "cnn", "conv1d", "sequence"]
+
+
+@pytest.fixture(params=list(METHODS))
+def method(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
