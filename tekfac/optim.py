@@ -169,8 +169,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                              "tekfac optimizer")
         state_dict = dict(state_dict)
         curvature = state_dict.pop(_CURVATURE_KEY)
-        super().load_state_dict(state_dict)
-        self.preconditioner.load_state_dict(curvature)
+        previous = self.preconditioner.state_dict()
+        self.preconditioner.load_state_dict(curvature)  # validates against the model first
+        try:
+            super().load_state_dict(state_dict)
+        except (ValueError, KeyError, TypeError):
+            self.preconditioner.load_state_dict(previous)
+            raise
 
 
 def _kl_clip_factor(vdot: Tensor, lr: float, kl_clip: float) -> Tensor:

@@ -287,14 +287,13 @@ class Preconditioner:
             state = LayerState(**{k: v.to(layer.module.weight.device) for k, v in entry.items()})
             _check_shapes(layer, state)
             new_states[layer] = state
-        self.states = new_states
-        self.steps = int(state_dict["steps"])
-        self.seed = int(state_dict["seed"])
+        generator = None
         rng = state_dict.get("rng")
-        self._generator = None
         if rng is not None:
-            self._generator = torch.Generator(device=rng["device"])
-            self._generator.set_state(rng["state"])
+            generator = torch.Generator(device=rng["device"])
+            generator.set_state(rng["state"])
+        self.steps, self.seed = int(state_dict["steps"]), int(state_dict["seed"])
+        self.states, self._generator = new_states, generator
         self.capture.clear()
         self.capture.recording = self.statistics_due
 

@@ -1,0 +1,1 @@
+"""Benchmark suite: data sets and model definitions for comparing the optimizers."""

@@ -1,0 +1,198 @@
+"""Benchmark models.
+
+Every builder returns an `nn.Module` made of `nn.Linear` and `nn.Conv2d` layers (all with
+groups=1), BatchNorm, ReLU and pooling, initialised by PyTorch's default initialisers; seed
+torch before building for reproducible weights. Classifiers map images of shape (N, C, H, W)
+to logits of shape (N, num_classes). `MODELS` maps each builder's name to the builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def autoencoder() -> nn.Sequential:
+    """The deep autoencoder of the K-FAC paper (Martens & Grosse 2015), with ReLU units.
+
+    Layers 784-1000-500-250-30-250-500-1000-784, ReLU after every layer except the 30-unit code
+    layer and the output. Train it with `nn.BCEWithLogitsLoss` against the flattened input pixels
+    in [0, 1] (not normalised).
+
+    Returns:
+        Module mapping images (N, 1, 28, 28) (or (N, 784)) to reconstruction logits (N, 784).
+    """
+    sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i not in (3, len(sizes) - 2):  # no activation on the code layer and the output
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mlp(
+    in_features: int = 64, hidden: Sequence[int] = (64,), num_classes: int = 10
+) -> nn.Sequential:
+    """Fully connected ReLU network, for the digits smoke task.
+
+    Args:
+        in_features: Number of input features; inputs of any shape (N, ...) are flattened.
+        hidden: Widths of the hidden layers.
+        num_classes: Number of output logits.
+
+    Returns:
+        Module mapping (N, ...) with `in_features` entries per example to logits (N, num_classes).
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    layers.append(nn.Linear(in_features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Sequential:
+    """Two 5x5 conv layers with max pooling, then two fully connected layers.
+
+    Conv(in_channels→32, 5x5, pad 2)-ReLU-MaxPool(2)-Conv(32→64, 5x5, pad 2)-ReLU-MaxPool(2)-
+    Flatten-Linear(64·(image_size//4)²→256)-ReLU-Linear(256→num_classes).
+
+    Args:
+        in_channels: Input channels C.
+        num_classes: Number of output logits.
+        image_size: Height and width of the square input images.
+
+    Returns:
+        Module mapping (N, C, image_size, image_size) to logits (N, num_classes).
+    """
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * side * side, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def _vgg_features(config: Sequence[int | str], in_channels: int) -> list[nn.Module]:
+    """VGG feature layers: an int is a 3x3 conv (pad 1, no bias) + BatchNorm + ReLU with that
+    many output channels, "M" a 2x2 max pool."""
+    layers: list[nn.Module] = []
+    for item in config:
+        if isinstance(item, int):
+            layers += [
+                nn.Conv2d(in_channels, item, 3, padding=1, bias=False),
+                nn.BatchNorm2d(item),
+                nn.ReLU(),
+            ]
+            in_channels = item
+        else:
+            layers.append(nn.MaxPool2d(2))
+    return layers
+
+
+def narrow_vgg(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """Small VGG-style network: conv widths [w, w, M, 2w, 2w, M, 4w, 4w, M] (3x3 conv +
+    BatchNorm + ReLU, M = 2x2 max pool), global average pooling, Linear(4w→num_classes).
+
+    Args:
+        in_channels: Input channels C.
+        num_classes: Number of output logits.
+        width: Channels w of the first stage.
+
+    Returns:
+        Module mapping (N, C, H, W), H and W at least 8, to logits (N, num_classes).
+    """
+    w = width
+    config = [w, w, "M", 2 * w, 2 * w, "M", 4 * w, 4 * w, "M"]
+    return nn.Sequential(
+        *_vgg_features(config, in_channels),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
+    )
+
+
+def vgg16(num_classes: int = 10) -> nn.Sequential:
+    """VGG16 with BatchNorm in its common CIFAR variant: the 13 conv layers of VGG16 (3x3 conv +
+    BatchNorm + ReLU), five 2x2 max pools reducing 32x32 to 1x1, and a single
+    Linear(512→num_classes) classifier in place of the three ImageNet fully connected layers.
+
+    Args:
+        num_classes: Number of output logits.
+
+    Returns:
+        Module mapping (N, 3, 32, 32) to logits (N, num_classes).
+    """
+    config = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]
+    config += [512, 512, 512, "M", 512, 512, 512, "M"]
+    return nn.Sequential(*_vgg_features(config, 3), nn.Flatten(), nn.Linear(512, num_classes))
+
+
+class _BasicBlock(nn.Module):
+    """Residual block of two 3x3 convs with BatchNorm and an option-A shortcut: the identity, or
+    when the block downsamples, the input subsampled by 2 and zero-padded to the new channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.stride = stride
+        self.extra_channels = out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, :: self.stride, :: self.stride]
+        shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        return F.relu(out + shortcut)
+
+
+def resnet32(num_classes: int = 10) -> nn.Sequential:
+    """CIFAR ResNet-32 of He et al. 2016 (section 4.2), about 0.46M parameters.
+
+    A 3x3 conv (3→16) + BatchNorm + ReLU, three stages of 5 basic blocks with 16, 32 and 64
+    channels (the 2nd and 3rd stages halve the resolution in their first block), global average
+    pooling and Linear(64→num_classes): 31 conv layers and 1 linear layer. Shortcuts are option A
+    (identity, zero-padded when the channels grow), so they add no parameters.
+
+    Args:
+        num_classes: Number of output logits.
+
+    Returns:
+        Module mapping (N, 3, 32, 32) to logits (N, num_classes).
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+    ]
+    in_channels = 16
+    for channels, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(5):
+            layers.append(_BasicBlock(in_channels, channels, stride if i == 0 else 1))
+            in_channels = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "autoencoder": autoencoder,
+    "mlp": mlp,
+    "small_cnn": small_cnn,
+    "narrow_vgg": narrow_vgg,
+    "vgg16": vgg16,
+    "resnet32": resnet32,
+}

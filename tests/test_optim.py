@@ -1,0 +1,370 @@
+"""The torch.optim contract, the update rule, options and checkpoints of the optimizers."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tekfac
+from tests.conftest import tiny_net
+
+OPTIMIZERS = {"kfac": tekfac.KFAC, "ekfac": tekfac.EKFAC, "tkfac": tekfac.TKFAC,
+              "tekfac": tekfac.TEKFAC}
+FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
+
+
+def batch(shape, n=8, dtype=torch.float64):
+    return torch.randn(n, *shape, dtype=dtype), torch.randint(0, 3, (n,))
+
+
+def train(model, opt, batches, mc=True):
+    for x, y in batches:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        if mc:
+            opt.backward(loss, out)
+        else:
+            loss.backward()
+        opt.step()
+
+
+# ------------------------------------------------------------------------- construction
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(weight_decay=-1), ValueError, "weight_decay"),
+    (dict(kl_clip=0.0), ValueError, "kl_clip"),
+    (dict(nesterov=True, momentum=0.0), ValueError, "Nesterov"),
+    (dict(nesterov=1), TypeError, "nesterov"),
+    (dict(damping=0.0), ValueError, "damping"),
+    (dict(damping=float("nan")), ValueError, "damping"),
+    (dict(damping_type="huge"), ValueError, "damping_type"),
+    (dict(fisher="true"), ValueError, "fisher"),
+    (dict(loss="nll"), ValueError, "loss"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(stat_decay=1.0), ValueError, "stat_decay"),
+    (dict(cov_update_freq=0), ValueError, "cov_update_freq"),
+    (dict(eigen_update_freq=2.5), ValueError, "eigen_update_freq"),
+    (dict(scale_update_freq=True), ValueError, "scale_update_freq"),
+    (dict(factor_dtype=torch.int32), TypeError, "factor_dtype"),
+    (dict(seed="x"), TypeError, "seed"),
+    (dict(exclude=[3]), TypeError, "exclude"),
+    (dict(dampin=0.1), TypeError, "dampin"),
+])
+def test_invalid_arguments_are_refused(kwargs, error, match):
+    net, _ = tiny_net("mlp")
+    with pytest.raises(error, match=match):
+        tekfac.TEKFAC(net, **kwargs)
+
+
+def test_invalid_method_and_model():
+    net, _ = tiny_net("mlp")
+    with pytest.raises(ValueError, match="method"):
+        tekfac.KroneckerOptimizer(net, "shampoo")
+    with pytest.raises(TypeError, match="Module"):
+        tekfac.TEKFAC(list(net.parameters()))
+
+
+def test_grouped_convolution_is_refused_unless_excluded():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"groups=2.*exclude"):
+        tekfac.KFAC(net)
+    opt = tekfac.KFAC(net, exclude=[net[0]])
+    assert [la.name for la in opt.preconditioner.layers] == ["2"]
+
+
+def test_all_four_accept_the_same_arguments():
+    net, _ = tiny_net("cnn")
+    args = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, damping=1e-3, fisher="mc",
+                stat_decay=0.95, cov_update_freq=10, eigen_update_freq=100,
+                scale_update_freq=10, kl_clip=1e-3)
+    for name, cls in OPTIMIZERS.items():
+        opt = cls(net, **args)
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert opt.method == name
+        opt.preconditioner.remove_hooks()
+
+
+# ------------------------------------------------------------------------- update rule
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_without_tracked_layers_it_is_torch_sgd(nesterov, decoupled):
+    """Degenerate case: every layer excluded ⇒ exactly torch.optim.SGD (or SGDW)."""
+    net, shape = tiny_net("mlp")
+    ref = copy.deepcopy(net)
+    opt = tekfac.KFAC(net, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01,
+                      decoupled_weight_decay=decoupled, exclude=["*"], fisher="empirical")
+    assert opt.preconditioner.layers == []
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov,
+                          weight_decay=0.0 if decoupled else 0.01)
+    for _ in range(4):
+        x, y = batch(shape)
+        for model, o in ((net, opt), (ref, sgd)):
+            o.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if decoupled and o is sgd:
+                with torch.no_grad():
+                    for p in ref.parameters():
+                        p.mul_(1 - 0.1 * 0.01)
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_first_step_is_kl_clipped_natural_gradient(method):
+    net, shape = tiny_net("cnn")
+    before = copy.deepcopy(net)
+    lr, kl_clip = 0.5, 1e-4
+    opt = tekfac.KroneckerOptimizer(net, method, lr=lr, momentum=0.9, kl_clip=kl_clip,
+                                    damping=0.05, fisher="empirical", cov_update_freq=1,
+                                    eigen_update_freq=1, scale_update_freq=1)
+    x, y = batch(shape)
+    F.cross_entropy(net(x), y).backward()
+    grads = {la: la.gradient_matrix().clone() for la in opt.preconditioner.layers}
+    opt.step()
+    deltas = {}
+    for la, g in grads.items():
+        dense = opt.curvature(la.module).dense(damped=True)
+        deltas[la] = torch.linalg.solve(dense, g.reshape(-1)).reshape(g.shape)
+    vdot = sum((deltas[la] * grads[la]).sum() for la in grads)
+    nu = min(1.0, math.sqrt(kl_clip / (lr**2 * vdot.item())))
+    assert nu < 1  # the clip is active in this test
+    before_layers = dict(before.named_modules())
+    for la in opt.preconditioner.layers:
+        old = torch.cat([p.detach().reshape(la.d_out, -1) for p in
+                         before_layers[la.name].parameters()], dim=1)
+        torch.testing.assert_close(la.parameter_matrix(), old - lr * nu * deltas[la],
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_non_kronecker_parameters_take_the_first_order_step():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 3)).double()
+    opt = tekfac.EKFAC(net, lr=0.1, momentum=0.0, weight_decay=0.01, fisher="empirical")
+    bn = net[1]
+    x, y = batch((1, 6, 6))
+    F.cross_entropy(net(x), y).backward()
+    w0, g0 = bn.weight.detach().clone(), bn.weight.grad.clone()
+    b0, gb = bn.bias.detach().clone(), bn.bias.grad.clone()
+    opt.step()
+    torch.testing.assert_close(bn.weight.detach(), w0 - 0.1 * (g0 + 0.01 * w0))
+    torch.testing.assert_close(bn.bias.detach(), b0 - 0.1 * (gb + 0.01 * b0))
+    assert [la.name for la in opt.preconditioner.layers] == ["0", "4"]
+
+
+def test_exclude_by_name_pattern():
+    net, _ = tiny_net("cnn")
+    opt = tekfac.TKFAC(net, exclude=["0", "5*"])
+    assert [la.name for la in opt.preconditioner.layers] == ["2"]
+
+
+def test_lr_scheduler_drives_the_step():
+    net, shape = tiny_net("mlp")
+    twin = copy.deepcopy(net)
+    opts = [tekfac.TEKFAC(m, lr=0.2, momentum=0.0, fisher="empirical", kl_clip=None)
+            for m in (net, twin)]
+    sched = torch.optim.lr_scheduler.StepLR(opts[0], step_size=1, gamma=0.5)
+    x, y = batch(shape)
+    train(net, opts[0], [(x, y)], mc=False)
+    sched.step()
+    assert opts[0].param_groups[0]["lr"] == pytest.approx(0.1)
+    # the same two steps with the rate changed by hand give the same parameters
+    train(twin, opts[1], [(x, y)], mc=False)
+    opts[1].param_groups[0]["lr"] = 0.1
+    x2, y2 = batch(shape)
+    train(net, opts[0], [(x2, y2)], mc=False)
+    train(twin, opts[1], [(x2, y2)], mc=False)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_empirical_fisher_needs_only_the_ordinary_loop(method):
+    net, shape = tiny_net("mlp")
+    opt = OPTIMIZERS[method](net, fisher="empirical", **FAST)
+    train(net, opt, [batch(shape) for _ in range(4)], mc=False)
+    assert opt.curvature(net[0]).trace() > 0
+
+
+def test_mc_fisher_without_sampled_backward_is_an_error():
+    net, shape = tiny_net("mlp")
+    opt = tekfac.TEKFAC(net)
+    x, y = batch(shape)
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer.backward\(loss, outputs\)"):
+        opt.step()
+
+
+def test_mc_backward_leaves_the_true_gradient():
+    net, shape = tiny_net("cnn")
+    twin = copy.deepcopy(net)
+    opt = tekfac.EKFAC(net)
+    x, y = batch(shape)
+    out = net(x)
+    opt.backward(F.cross_entropy(out, y), out)
+    F.cross_entropy(twin(x), y).backward()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert opt.preconditioner.capture.output_grads  # the sampled pass recorded statistics
+
+
+def test_sum_reduction_gives_the_same_statistics():
+    net, shape = tiny_net("cnn")
+    twin = copy.deepcopy(net)
+    every = dict(fisher="empirical", cov_update_freq=1, eigen_update_freq=1,
+                 scale_update_freq=1)
+    pre_mean = tekfac.Preconditioner(net, "tekfac", **every)
+    pre_sum = tekfac.Preconditioner(twin, "tekfac", reduction="sum", **every)
+    x, y = batch(shape)
+    F.cross_entropy(net(x), y).backward()
+    F.cross_entropy(twin(x), y, reduction="sum").backward()
+    pre_mean.update_curvature()
+    pre_sum.update_curvature()
+    for a, b in zip(pre_mean.layers, pre_sum.layers):
+        torch.testing.assert_close(pre_mean.curvature(a.module).dense(),
+                                   pre_sum.curvature(b.module).dense())
+
+
+def test_factor_dtype_keeps_statistics_in_that_dtype():
+    net, shape = tiny_net("mlp")
+    net = net.float()
+    opt = tekfac.TEKFAC(net, factor_dtype=torch.float64, fisher="empirical")
+    train(net, opt, [batch(shape, dtype=torch.float32)], mc=False)
+    state = opt.preconditioner.states[opt.preconditioner.layers[0]]
+    assert state.factor_in.dtype == state.scaling.dtype == torch.float64
+    assert net[0].weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- recording
+def test_nothing_is_recorded_in_eval_mode_or_without_grad():
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KFAC(net, fisher="empirical")
+    cap = opt.preconditioner.capture
+    x, _ = batch(shape)
+    assert cap.recording
+    with torch.no_grad():
+        net(x)
+    assert not cap.inputs
+    net.eval()
+    net(x).sum().backward()
+    assert not cap.inputs and not cap.output_grads
+    net.train()
+    net(x).sum().backward()
+    assert len(cap.inputs) == 2 and len(cap.output_grads) == 2
+
+
+def test_nothing_is_recorded_outside_statistics_steps():
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KFAC(net, fisher="empirical", cov_update_freq=3)
+    recorded = []
+    for _ in range(6):
+        x, y = batch(shape)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        recorded.append(bool(opt.preconditioner.capture.inputs))
+        opt.step()
+    assert recorded == [True, False, False, True, False, False]
+
+
+def test_curvature_lookup_errors():
+    net, _ = tiny_net("mlp")
+    opt = tekfac.KFAC(net, fisher="empirical")
+    with pytest.raises(RuntimeError, match="no curvature yet"):
+        opt.curvature(net[0])
+    with pytest.raises(KeyError, match="not tracked"):
+        opt.curvature(net[1])
+    with pytest.raises(KeyError, match="not tracked"):
+        opt.curvature(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_resume_is_bit_identical(kind, method, tmp_path):
+    net, shape = tiny_net(kind)
+    opt = OPTIMIZERS[method](net, lr=0.05, weight_decay=1e-3, **FAST)
+    data = [batch(shape) for _ in range(12)]
+    train(net, opt, data[:5])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, path)
+    train(net, opt, data[5:])
+
+    resumed, _ = tiny_net(kind)
+    opt2 = OPTIMIZERS[method](resumed, lr=0.05, weight_decay=1e-3, **FAST)
+    ckpt = torch.load(path, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, data[5:])
+    for p, q in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_round_trips_every_statistic():
+    net, shape = tiny_net("cnn")
+    opt = tekfac.TEKFAC(net, **FAST)
+    train(net, opt, [batch(shape) for _ in range(3)])
+    saved = opt.state_dict()
+    layer_state = saved["curvature"]["layers"]["0"]
+    assert set(layer_state) == set(tekfac.curvature.STATE_KEYS)
+    assert saved["curvature"]["steps"] == 3 and saved["curvature"]["rng"] is not None
+    assert all("momentum_buffer" in s for s in saved["state"].values())
+
+
+def test_loading_a_mismatched_state_is_a_clear_error():
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KFAC(net, fisher="empirical")
+    train(net, opt, [batch(shape)], mc=False)
+    other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt_other = tekfac.KFAC(other, fisher="empirical")
+    with pytest.raises(ValueError, match="shape"):
+        opt_other.preconditioner.load_state_dict(opt.state_dict()["curvature"])
+    cnn, _ = tiny_net("cnn")
+    with pytest.raises(ValueError, match="does not match"):
+        tekfac.KFAC(cnn).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="curvature"):
+        tekfac.KFAC(net).load_state_dict(torch.optim.SGD(net.parameters()).state_dict())
+
+
+def test_single_param_group():
+    net, _ = tiny_net("mlp")
+    opt = tekfac.KFAC(net)
+    with pytest.raises(ValueError, match="one group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+# ------------------------------------------------------------------------- Preconditioner
+def test_preconditioner_pairs_with_any_torch_optimizer():
+    net, shape = tiny_net("cnn")
+    pre = tekfac.Preconditioner(net, "ekfac", fisher="empirical", cov_update_freq=1,
+                                eigen_update_freq=1, scale_update_freq=1)
+    adam = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = batch(shape)
+    F.cross_entropy(net(x), y).backward()
+    raw = {la: la.gradient_matrix().clone() for la in pre.layers}
+    pre.step()
+    for la in pre.layers:
+        expected = pre.curvature(la.module).precondition(raw[la])
+        torch.testing.assert_close(la.gradient_matrix(), expected)
+    adam.step()
+
+
+def test_ddp_wrapped_model_is_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        net, shape = tiny_net("mlp")
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = tekfac.KFAC(ddp, fisher="empirical")
+        x, y = batch(shape)
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        assert [la.name for la in opt.preconditioner.layers] == ["0", "2"]
+        assert opt.curvature(net[0]).dense().shape == (24, 24)
+    finally:
+        dist.destroy_process_group()
