@@ -1,0 +1,144 @@
+"""Summaries, tables and plots of benchmark records (see :mod:`tekfac.bench.runner`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from tekfac.bench.tasks import TASKS
+
+SUMMARY_KEYS = (
+    "task", "optimizer", "seeds", "epochs", "metric_name", "final_train_loss_mean",
+    "final_train_loss_std", "final_test_metric_mean", "final_test_metric_std", "target",
+    "time_to_target_s_mean", "time_to_target_s_median", "seeds_reaching_target",
+    "step_time_ms_median", "wall_time_s_mean", "diverged_runs",
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def time_to_target(records: list[dict], target: float, higher_is_better: bool) -> float | None:
+    """Training seconds at the end of the first epoch whose test metric meets ``target``."""
+    for r in sorted(records, key=lambda r: r["epoch"]):
+        m = r["test_metric"]
+        if m is not None and math.isfinite(m) and (m >= target if higher_is_better
+                                                   else m <= target):
+            return r["wall_time_s"]
+    return None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One summary row per (task, optimizer), over seeds, in the keys of :data:`SUMMARY_KEYS`.
+
+    Means and (population) standard deviations are over the seeds' final epochs; diverged runs
+    are counted and left out of the means. ``time_to_target`` is over the seeds that reached
+    the target; ``step_time_ms_median`` is the median of the epochs' median step times.
+    """
+    runs: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        runs[(r["task"], r["optimizer"])][r["seed"]].append(r)
+    rows = []
+    for (task_name, optimizer), by_seed in runs.items():
+        task = TASKS[task_name]
+        finals = [max(rs, key=lambda r: r["epoch"]) for rs in by_seed.values()]
+        loss_mean, loss_std = _mean_std([r["train_loss"] for r in finals if not r["diverged"]])
+        metric_mean, metric_std = _mean_std([r["test_metric"] for r in finals
+                                             if not r["diverged"]])
+        ttt = [t for rs in by_seed.values()
+               if (t := time_to_target(rs, task.target, task.higher_is_better)) is not None]
+        steps = [r["step_time_ms"] for rs in by_seed.values() for r in rs
+                 if r["step_time_ms"] is not None]
+        rows.append(dict(
+            task=task_name, optimizer=optimizer, seeds=sorted(by_seed),
+            epochs=max(r["epoch"] for r in finals), metric_name=task.metric,
+            final_train_loss_mean=loss_mean, final_train_loss_std=loss_std,
+            final_test_metric_mean=metric_mean, final_test_metric_std=metric_std,
+            target=task.target,
+            time_to_target_s_mean=statistics.fmean(ttt) if ttt else None,
+            time_to_target_s_median=statistics.median(ttt) if ttt else None,
+            seeds_reaching_target=len(ttt),
+            step_time_ms_median=statistics.median(steps) if steps else None,
+            wall_time_s_mean=statistics.fmean(r["wall_time_s"] for r in finals),
+            diverged_runs=sum(r["diverged"] for r in finals),
+        ))
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table, one line per (task, optimizer)."""
+    head = ("| task | optimizer | seeds | epochs | final train loss | final test metric | "
+            "target | seeds at target | time to target (s, median) | step (ms, median) | "
+            "wall (s, mean) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['optimizer']} | {len(r['seeds'])} | {r['epochs']} | "
+            f"{_fmt(r['final_train_loss_mean'])} ± {_fmt(r['final_train_loss_std'], 2)} | "
+            f"{r['metric_name']} {_fmt(r['final_test_metric_mean'])} ± "
+            f"{_fmt(r['final_test_metric_std'], 2)} | {r['target']} | "
+            f"{r['seeds_reaching_target']}/{len(r['seeds'])} | "
+            f"{_fmt(r['time_to_target_s_median'])} | {_fmt(r['step_time_ms_median'], 3)} | "
+            f"{_fmt(r['wall_time_s_mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(records: list[dict], out: Path) -> list[dict]:
+    """Write ``summary.json`` and ``summary.md`` into ``out``; return the rows."""
+    rows = summarize(records)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown_table(rows))
+    return rows
+
+
+def plot(records: list[dict], out: Path) -> list[Path]:
+    """One PNG per task: training loss and test metric against epochs and against training
+    seconds, the mean over seeds for each optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task: dict[str, dict[str, dict[int, list[dict]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
+    for r in records:
+        by_task[r["task"]][r["optimizer"]][r["epoch"]].append(r)
+    paths = []
+    for task_name, by_opt in by_task.items():
+        task = TASKS[task_name]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+        for optimizer, by_epoch in by_opt.items():
+            epochs = sorted(by_epoch)
+            curves = {key: [_mean_std([r[key] for r in by_epoch[e]])[0] for e in epochs]
+                      for key in ("train_loss", "test_metric", "wall_time_s")}
+            for row, key in enumerate(("train_loss", "test_metric")):
+                pts = [(e, t, v) for e, t, v in zip(epochs, curves["wall_time_s"], curves[key])
+                       if v is not None]
+                if not pts:
+                    continue
+                es, ts, vs = zip(*pts)
+                axes[row][0].plot(es, vs, marker="o", label=optimizer)
+                axes[row][1].plot(ts, vs, marker="o", label=optimizer)
+        for col, xlabel in enumerate(("epoch", "training time (s)")):
+            axes[0][col].set(xlabel=xlabel, ylabel="training loss", yscale="log")
+            axes[1][col].set(xlabel=xlabel, ylabel=task.metric)
+            axes[1][col].axhline(task.target, color="grey", linestyle=":", linewidth=1)
+        axes[0][0].legend()
+        fig.suptitle(task_name)
+        fig.tight_layout()
+        path = out / f"{task_name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,97 @@
+"""Hyper-parameter tuning with the same budget for every optimizer.
+
+Each optimizer gets :data:`TRIALS` grid points, each trained for the same number of epochs on
+the same training subset and scored on a validation split held out of the training set (never
+the test set). First-order methods spend their trials on a finer learning-rate grid; the
+Kronecker methods on a 3×3 grid of learning rate × damping spanning DESIGN.md §6's range.
+The chosen values and every trial are written to ``tekfac/bench/tuned/<task>.json``, which
+:func:`load_hparams` reads for the benchmark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from tekfac.bench.data import load_dataset, split_validation
+from tekfac.bench.optimizers import DEFAULT_HPARAMS, SECOND_ORDER
+from tekfac.bench.runner import Split, run
+from tekfac.bench.tasks import TASKS, Task
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+TRIALS = 9
+GRIDS: dict[str, list[dict[str, float]]] = {
+    "sgd": [{"lr": v} for v in (0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)],
+    "adam": [{"lr": v} for v in (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)],
+    **{m: [{"lr": lr, "damping": d} for lr, d in itertools.product((0.01, 0.03, 0.1),
+                                                                    (0.01, 0.1, 1.0))]
+       for m in SECOND_ORDER},
+}
+assert all(len(g) == TRIALS for g in GRIDS.values())
+
+
+def load_hparams(task: str) -> tuple[dict[str, dict[str, float]], str]:
+    """The tuned hyper-parameters of ``task`` and their source (the file), or the defaults."""
+    path = TUNED_DIR / f"{task}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["chosen"], str(path.name)
+    return DEFAULT_HPARAMS, "defaults (no tuning file)"
+
+
+def score(task: Task, records: list[dict]) -> float:
+    """Final validation metric, oriented so that larger is better; -inf if diverged."""
+    final = records[-1]
+    if final["diverged"] or not math.isfinite(final["test_metric"]):
+        return -math.inf
+    return final["test_metric"] if task.higher_is_better else -final["test_metric"]
+
+
+def tune(task: Task, optimizers: list[str], epochs: int, train_size: int | None,
+         data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+         batch_size: int = 128, device: str = "cpu", quiet: bool = True) -> dict:
+    """Run every grid point of every optimizer; return the chosen values and all trials."""
+    data = load_dataset(task.dataset, data_dir)
+    train_x, train_y, val_x, val_y = split_validation(data.train_x, data.train_y, val_fraction,
+                                                      seed)
+    if train_size is not None:
+        train_x, train_y = train_x[:train_size], train_y[:train_size]
+    split = Split(train_x, train_y, val_x, val_y)
+    trials, chosen = [], {}
+    for optimizer in optimizers:
+        best = None
+        for hparams in GRIDS[optimizer]:
+            records = run(task, split, optimizer, hparams, seed, epochs, batch_size, device,
+                          quiet=quiet)
+            s = score(task, records)
+            final = records[-1]
+            trials.append(dict(optimizer=optimizer, **hparams, val_metric=final["test_metric"],
+                               train_loss=final["train_loss"], diverged=final["diverged"]))
+            print(f"tune {task.name} {optimizer} {hparams}: validation {task.metric} "
+                  f"{final['test_metric']:.4f}", flush=True)
+            if best is None or s > best[0]:
+                best = (s, hparams)
+        chosen[optimizer] = best[1]
+    return dict(task=task.name, metric=f"validation {task.metric}",
+                budget=dict(epochs=epochs, train_size=len(train_x), batch_size=batch_size,
+                            val_size=len(val_x), seed=seed, trials_per_optimizer=TRIALS),
+                chosen=chosen, trials=trials)
+
+
+def main_tune(task_name: str, optimizers: list[str], epochs: int, train_size: int | None,
+              data_dir: str | None, out: Path | None, quiet: bool, device: str,
+              command: str) -> Path:
+    """``tekfac tune``: tune and write the result file (merging with an existing one)."""
+    task = TASKS[task_name]
+    result = tune(task, optimizers, epochs, train_size, data_dir, device=device, quiet=quiet)
+    path = out or TUNED_DIR / f"{task_name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old.get("budget") == result["budget"]:  # keep the others' trials
+        kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]
+        result["chosen"] = {**old["chosen"], **result["chosen"]}
+        result["trials"] = kept + result["trials"]
+    result["command"] = command
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

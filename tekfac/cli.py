@@ -1,0 +1,153 @@
+"""Command line: ``tekfac bench`` (the comparison) and ``tekfac tune`` (its hyper-parameters).
+
+Run ``tekfac bench --help`` / ``tekfac tune --help``; ``python -m tekfac`` is the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS: dict[str, dict] = {
+    "smoke": dict(tasks=["digits-mlp"], seeds=1, epochs=10),
+    "quick": dict(tasks=["fmnist-cnn", "fmnist-autoencoder"], seeds=1, epochs=2),
+    "full": dict(tasks=["fmnist-cnn", "fmnist-autoencoder", "fmnist-vgg"], seeds=3, epochs=10),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tekfac.bench.optimizers import OPTIMIZERS
+    from tekfac.bench.tasks import TASKS
+
+    parser = argparse.ArgumentParser(prog="tekfac", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
+                        metavar="OPT", help=f"optimizers to run ({', '.join(OPTIMIZERS)})")
+    common.add_argument("--data-dir", help="folder with the data sets (default: $TEKFAC_DATA, "
+                        "then /usr/share/datasets/fashion-mnist)")
+    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    common.add_argument("--batch-size", type=int, default=128)
+    common.add_argument("--train-size", type=int, default=None,
+                        help="use only the first N training examples")
+    common.add_argument("--epochs", type=int, default=None)
+
+    bench = sub.add_parser("bench", parents=[common], help="compare the optimizers",
+                           description="Train every (task, optimizer, seed) with the tuned "
+                           "hyper-parameters and write runs.jsonl, summary.json, summary.md "
+                           "and one plot per task.")
+    bench.add_argument("--preset", choices=PRESETS, default="quick",
+                       help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    bench.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK",
+                       help=f"tasks to run, overriding the preset ({', '.join(TASKS)})")
+    bench.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...)")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="output folder (default results/<timestamp>)")
+    bench.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
+
+    tune = sub.add_parser("tune", parents=[common], help="tune learning rate and damping",
+                          description="Grid search with the same number of trials per "
+                          "optimizer, scored on a validation split of the training set.")
+    tune.add_argument("--task", required=True, choices=TASKS, metavar="TASK",
+                      help=f"task to tune ({', '.join(TASKS)})")
+    tune.add_argument("--out", type=Path, default=None,
+                      help="result file (default tekfac/bench/tuned/<task>.json)")
+    tune.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir!r} is not a directory")
+    for name in ("epochs", "batch_size", "train_size", "seeds"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but no CUDA GPU is available")
+
+
+def _bench(args: argparse.Namespace, command: str) -> None:
+    from tekfac.bench.data import load_dataset
+    from tekfac.bench.report import markdown_table, plot, write_summary
+    from tekfac.bench.runner import Split, run
+    from tekfac.bench.tasks import TASKS
+    from tekfac.bench.tune import load_hparams
+
+    preset = PRESETS[args.preset]
+    tasks = args.tasks or preset["tasks"]
+    seeds = range(args.seeds or preset["seeds"])
+    epochs = args.epochs or preset["epochs"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("results") / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, args.data_dir) for t in tasks}
+    hparams = {t: load_hparams(t) for t in tasks}
+    (out / "config.json").write_text(json.dumps(dict(
+        command=command, tasks=tasks, optimizers=args.optimizers, seeds=list(seeds),
+        epochs=epochs, batch_size=args.batch_size, train_size=args.train_size,
+        device=args.device, hparams={t: {"values": h, "source": s} for t, (h, s) in
+                                     hparams.items()},
+        machine=dict(platform=platform.platform(), processor=platform.machine(),
+                     cpus=os.cpu_count(), torch=torch.__version__,
+                     threads=torch.get_num_threads()),
+    ), indent=2) + "\n")
+    records = []
+    with (out / "runs.jsonl").open("w") as log:
+        def emit(record: dict) -> None:
+            records.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        start = time.perf_counter()
+        for task_name in tasks:
+            task, data = TASKS[task_name], datasets[TASKS[task_name].dataset]
+            n = args.train_size or len(data.train_x)
+            split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+            for optimizer in args.optimizers:
+                for seed in seeds:
+                    run(task, split, optimizer, hparams[task_name][0][optimizer], seed, epochs,
+                        args.batch_size, args.device, args.quiet, emit)
+    write_summary(records, out)
+    plot(records, out)
+    print(markdown_table(json.loads((out / "summary.json").read_text())))
+    print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tekfac`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    command = "tekfac " + shlex.join(argv)
+    from tekfac.bench.data import DataError
+
+    try:
+        if args.command == "bench":
+            _bench(args, command)
+        else:
+            from tekfac.bench.tune import main_tune
+
+            path = main_tune(args.task, args.optimizers, args.epochs or 1,
+                             args.train_size or 20_000, args.data_dir, args.out,
+                             not args.progress, args.device, command)
+            print(f"wrote {path}")
+    except DataError as e:
+        print(f"tekfac: {e}", file=sys.stderr)
+        return 2
+    return 0
