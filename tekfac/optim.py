@@ -49,6 +49,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         kl_clip: κ of the KL clipping (Ba et al. 2017), or ``None`` to turn it off.
         exclude: modules or module-name patterns left to the first-order rule.
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the
+            recorded output gradients are unscaled (use ``scaler.step(optimizer)`` as usual).
         damping, damping_type, damping_floor, fisher, loss, reduction, stat_decay,
         cov_update_freq, eigen_update_freq, scale_update_freq, factor_dtype: see
             :class:`tekfac.config.CurvatureConfig`. ``scale_update_freq`` is ignored by KFAC
@@ -59,6 +61,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None,
                  **curvature_options: object):
         _check_number("lr", lr, allow_zero=True)
         _check_number("weight_decay", weight_decay, allow_zero=True)
@@ -74,7 +77,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if nesterov and momentum == 0:
             raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")
         self.preconditioner = Preconditioner(model, method, exclude=exclude, seed=seed,
-                                             **curvature_options)
+                                             grad_scaler=grad_scaler, **curvature_options)
         params = [p for p in self.preconditioner.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Invalid model: it has no trainable parameters")
@@ -110,7 +113,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Update the curvature statistics that are due, then take one preconditioned step."""
+        """Update the curvature statistics that are due, then take one preconditioned step.
+
+        A step whose gradient holds NaN or Inf changes no parameter and no momentum buffer
+        (as ``GradScaler`` skips such steps); the statistics of that step are skipped layer
+        by layer when they are not finite. Each problem is warned about once."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -118,6 +125,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         coupled = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
         self.preconditioner.update_curvature()
+        if not _all_finite([p.grad for p in group["params"] if p.grad is not None]):
+            self.preconditioner.warn_once("model", "non-finite gradient; skipping this step "
+                                          "(parameters and momentum unchanged)")
+            return loss
         directions = self._preconditioned(group, coupled)
         for p in group["params"]:
             if p.grad is None:
@@ -176,6 +187,14 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         except (ValueError, KeyError, TypeError):
             self.preconditioner.load_state_dict(previous)
             raise
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry is finite, with one host synchronisation (a NaN or Inf anywhere
+    makes the sum of sums non-finite)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum().isfinite())
 
 
 def _kl_clip_factor(vdot: Tensor, lr: float, kl_clip: float) -> Tensor:

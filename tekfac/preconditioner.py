@@ -77,20 +77,27 @@ class Preconditioner:
         method: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
         exclude: modules or module-name patterns to leave to the first-order rule.
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: the recorded
+            output gradients are unscaled with its current scale (and the sampled backward is
+            scaled by it, so that it does not underflow in float16).
         **options: :class:`tekfac.config.CurvatureConfig` fields (damping, fisher, loss, ...).
     """
 
     def __init__(self, model: nn.Module, method: str = "tekfac", *,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
-                 **options: object):
+                 grad_scaler: torch.amp.GradScaler | None = None, **options: object):
         self.config = CurvatureConfig.for_method(method, **options)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"Invalid grad_scaler: expected a torch.amp.GradScaler or None, got "
+                            f"{type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"Invalid seed: {seed!r}; expected an int or None")
         self.model = unwrap(model)
         self.layers = find_layers(self.model, exclude)
         self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
-        self.capture = Capture(self.layers, keep_outputs=self.config.fisher == "mc")
+        self.capture = Capture(self.model, self.layers, keep_outputs=self.config.fisher == "mc")
         self.steps = 0
         self.seed = torch.initial_seed() if seed is None else seed
         self._generator: torch.Generator | None = None
@@ -116,17 +123,20 @@ class Preconditioner:
 
         Afterwards ``.grad`` holds the gradient of ``loss`` only. ``outputs`` are the model's
         predictions that ``loss`` was computed from (logits for the classification losses).
+        For gradient accumulation call it once per micro-batch, with each micro-batch's loss
+        divided by the number of micro-batches (so that the sum is the full-batch mean).
         """
-        if self.config.fisher == "mc" and self.capture.outputs:
-            targets = sample_targets(self.config.loss, outputs, self._rng(outputs.device))
-            sampled = sampled_loss(self.config.loss, outputs, targets, self.config.reduction)
-            layers = list(self.capture.outputs)
-            grads = torch.autograd.grad(sampled, [self.capture.outputs[la] for la in layers],
+        pending = self.capture.pending_outputs() if self.config.fisher == "mc" else []
+        if pending:
+            c = self.config
+            targets = sample_targets(c.loss, outputs, self._rng(outputs.device))
+            sampled = sampled_loss(c.loss, outputs, targets, c.reduction) * self._loss_scale()
+            if c.reduction == "mean":  # per-example gradients of this micro-batch
+                sampled = sampled * outputs.shape[0]
+            grads = torch.autograd.grad(sampled, [call.output for call in pending],
                                         retain_graph=True, allow_unused=True)
-            for layer, grad in zip(layers, grads):
-                if grad is not None:
-                    self.capture.output_grads[layer] = grad.detach()
-            self.capture.outputs.clear()
+            for call, grad in zip(pending, grads):
+                call.output, call.grad = None, None if grad is None else grad.detach()
             self._sampled = True
         loss.backward()
 
@@ -157,8 +167,10 @@ class Preconditioner:
                                self._due(c.scale_update_freq))
             for layer, (a, g) in batch.items():
                 state = self.states[layer]
-                if cov:
-                    self._update_factors(layer, state, a, g)
+                if not self._finite(layer, "statistics", a, g):
+                    continue  # keep this layer's last good preconditioner untouched
+                if cov and not self._update_factors(layer, state, a, g):
+                    continue
                 if state.factor_in is not None and (eig or state.basis_in is None):
                     self._update_basis(layer, state)
                 if c.scaling == "corrected" and scale and state.basis_in is not None:
@@ -186,37 +198,37 @@ class Preconditioner:
     def _collect(self) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
         """This step's ``(a, g)`` per layer, in ``factor_dtype``, with ``g`` per example."""
         cap = self.capture
-        if self.config.fisher == "mc" and cap.inputs and not self._sampled:
+        mc = self.config.fisher == "mc"
+        if mc and cap.has_inputs and not self._sampled:
             raise RuntimeError(
                 "fisher='mc' needs the sampled backward on statistics steps: replace "
                 "loss.backward() by optimizer.backward(loss, outputs) (or pass fisher='empirical')")
         batch = {}
-        for layer, x in cap.inputs.items():
-            gy = cap.output_grads.get(layer)
-            if gy is None:  # the layer did not take part in the loss
+        for layer in cap.calls:
+            recorded = cap.batch(layer, self.config.factor_dtype or layer.module.weight.dtype)
+            if recorded is None:  # the layer did not take part in the loss
                 continue
-            dtype = self.config.factor_dtype or layer.module.weight.dtype
-            a = layer.inputs(x.to(dtype))
-            g = layer.output_gradients(gy.to(dtype))
-            if self.config.reduction == "mean":
-                g = g * a.shape[0]
-            batch[layer] = (a, g)
+            a, g = recorded
+            if not mc and self.config.reduction == "mean":
+                g = g * a.shape[0]  # the batch-mean loss's gradient, per example
+            batch[layer] = (a, g / self._loss_scale())
         return batch
 
     def _update_factors(self, layer: KroneckerLayer, state: LayerState, a: Tensor,
-                        g: Tensor) -> None:
+                        g: Tensor) -> bool:
         stats = FACTOR_FUNCTIONS[self.config.factors](a, g)
         if not self._finite(layer, "statistics", *stats):
-            return
+            return False
         first = state.factor_in is None
         state.factor_in = stats.factor_in if first else self._ema(state.factor_in, stats[0])
         state.factor_out = stats.factor_out if first else self._ema(state.factor_out, stats[1])
         state.scale = stats.scale if first else self._ema(state.scale, stats.scale)
+        return True
 
     def _update_basis(self, layer: KroneckerLayer, state: LayerState) -> None:
         new_in, new_out = symmetric_eigh(state.factor_in), symmetric_eigh(state.factor_out)
         if new_in is None or new_out is None:
-            self._warn_once(layer, "eigendecomposition failed; keeping the previous basis")
+            self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
             return
         (eig_in, basis_in), (eig_out, basis_out) = new_in, new_out
         if self.config.scaling == "kronecker":
@@ -240,15 +252,22 @@ class Preconditioner:
     def _finite(self, layer: KroneckerLayer, what: str, *tensors: Tensor) -> bool:
         if all(bool(torch.isfinite(t).all()) for t in tensors):
             return True
-        self._warn_once(layer, f"non-finite {what}; skipping this update")
+        self.warn_once(layer, f"non-finite {what}; skipping this update")
         return False
 
-    def _warn_once(self, layer: KroneckerLayer, message: str) -> None:
-        key = f"{layer.name}: {message}"
+    def warn_once(self, where: KroneckerLayer | str, message: str) -> None:
+        """Warn once per (layer or place, message)."""
+        name = where.name if isinstance(where, KroneckerLayer) else where
+        key = f"{name}: {message}"
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"tekfac: layer {layer.name!r}: {message}", RuntimeWarning,
-                          stacklevel=3)
+            what = f"layer {name!r}" if isinstance(where, KroneckerLayer) else name
+            warnings.warn(f"tekfac: {what}: {message}", RuntimeWarning, stacklevel=3)
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's current scale (the one the last backward used), else 1."""
+        scaler = self.grad_scaler
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:

@@ -211,7 +211,8 @@ def test_mc_backward_leaves_the_true_gradient():
     F.cross_entropy(twin(x), y).backward()
     for p, q in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
-    assert opt.preconditioner.capture.output_grads  # the sampled pass recorded statistics
+    calls = [c for cs in opt.preconditioner.capture.calls.values() for c in cs]
+    assert len(calls) == 3 and all(c.grad is not None for c in calls)  # the sampled pass
 
 
 def test_sum_reduction_gives_the_same_statistics():
@@ -250,13 +251,14 @@ def test_nothing_is_recorded_in_eval_mode_or_without_grad():
     assert cap.recording
     with torch.no_grad():
         net(x)
-    assert not cap.inputs
+    assert not cap.has_inputs
     net.eval()
     net(x).sum().backward()
-    assert not cap.inputs and not cap.output_grads
+    assert not cap.has_inputs
     net.train()
     net(x).sum().backward()
-    assert len(cap.inputs) == 2 and len(cap.output_grads) == 2
+    assert len(cap.calls) == 2
+    assert all(len(cs) == 1 and cs[0].grad is not None for cs in cap.calls.values())
 
 
 def test_nothing_is_recorded_outside_statistics_steps():
@@ -267,7 +269,7 @@ def test_nothing_is_recorded_outside_statistics_steps():
         x, y = batch(shape)
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
-        recorded.append(bool(opt.preconditioner.capture.inputs))
+        recorded.append(opt.preconditioner.capture.has_inputs)
         opt.step()
     assert recorded == [True, False, False, True, False, False]
 
