@@ -3,11 +3,12 @@
 See DESIGN.md for the mathematics; :class:`KroneckerOptimizer` for the update rule.
 """
 
+from tekfac import distributed
 from tekfac.config import METHODS, CurvatureConfig
 from tekfac.curvature import Curvature
 from tekfac.optim import EKFAC, KFAC, TEKFAC, TKFAC, KroneckerOptimizer
 from tekfac.preconditioner import Preconditioner
 
 __all__ = ["EKFAC", "KFAC", "METHODS", "TEKFAC", "TKFAC", "Curvature", "CurvatureConfig",
-           "KroneckerOptimizer", "Preconditioner"]
+           "KroneckerOptimizer", "Preconditioner", "distributed"]
 __version__ = "0.1.0"

@@ -1,15 +1,16 @@
 """The two factor kinds that give the Kronecker-factored eigenbasis (DESIGN.md §2(a)).
 
 Inputs are one batch of a layer: ``a`` of shape ``(N, T, d_in)`` and per-example output
-gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`). Each kind returns the
+gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`). Each kind gives the
 batch estimate of an input-side factor ``(d_in, d_in)``, an output-side factor
 ``(d_out, d_out)`` and a scalar scale ``δ`` such that its Kronecker approximation is
-``F̂ = δ · out ⊗ in`` (``δ = 1`` for KFAC).
+``F̂ = δ · out ⊗ in`` (``δ = 1`` for KFAC). Every statistic is a mean over examples, so the
+estimates of several batches or ranks combine by a weighted average before ``finalize``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -41,22 +42,30 @@ def kronecker_factors(a: Tensor, g: Tensor) -> FactorStatistics:
 
 
 def trace_restricted_factors(a: Tensor, g: Tensor) -> FactorStatistics:
-    """TKFAC factors (Gao et al. 2020), each normalised to trace one.
+    r"""TKFAC factors (Gao et al. 2020) before normalisation (see :func:`unit_trace_factors`).
 
     With ``Λ_i = A_i A_i^T`` and ``Γ_i = G_i G_i^T``:
 
-    .. math:: Φ ∝ E[\\operatorname{tr}(Γ_i) Λ_i], \\quad Ψ ∝ E[\\operatorname{tr}(Λ_i) Γ_i],
-              \\quad δ = E[\\|G_i A_i^T\\|_F^2] = \\operatorname{tr} F,
+    .. math:: Φ ∝ E[\operatorname{tr}(Γ_i) Λ_i], \quad Ψ ∝ E[\operatorname{tr}(Λ_i) Γ_i],
+              \quad δ = E[\|G_i A_i^T\|_F^2] = \operatorname{tr} F,
 
-    so ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1`` (Linear) ``δ = E[tr Λ_i tr Γ_i]``.
+    so that, once ``Φ`` and ``Ψ`` have trace one, ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1``
+    (Linear) ``δ = E[tr Λ_i tr Γ_i]``. The factors are returned as batch means so that batches
+    (or ranks) can be averaged before normalising.
     """
     n = a.shape[0]
     tr_a = a.square().sum(dim=(1, 2))  # (N,) tr Λ_i
     tr_g = g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
-    phi = _weighted_covariance(a, tr_g)
-    psi = _weighted_covariance(g, tr_a)
+    phi = _weighted_covariance(a, tr_g) / n
+    psi = _weighted_covariance(g, tr_a) / n
     delta = per_example_sq_norms(a, g).sum() / n
-    return FactorStatistics(_unit_trace(phi), _unit_trace(psi), delta)
+    return FactorStatistics(phi, psi, delta)
+
+
+def unit_trace_factors(stats: FactorStatistics) -> FactorStatistics:
+    """Normalise the trace-restricted factors to trace one (``δ`` unchanged)."""
+    return FactorStatistics(_unit_trace(stats.factor_in), _unit_trace(stats.factor_out),
+                            stats.scale)
 
 
 def _weighted_covariance(x: Tensor, weights: Tensor) -> Tensor:
@@ -97,4 +106,15 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:
         yield g[start:start + chunk].transpose(1, 2) @ a[start:start + chunk]
 
 
-FACTOR_FUNCTIONS = {"kronecker": kronecker_factors, "trace_restricted": trace_restricted_factors}
+class FactorKind(NamedTuple):
+    """A factor kind: batch-mean statistics of ``(a, g)``, then a normalisation applied after
+    batches (or ranks) have been averaged."""
+
+    batch: Callable[[Tensor, Tensor], FactorStatistics]
+    finalize: Callable[[FactorStatistics], FactorStatistics]
+
+
+FACTOR_KINDS = {
+    "kronecker": FactorKind(kronecker_factors, lambda stats: stats),
+    "trace_restricted": FactorKind(trace_restricted_factors, unit_trace_factors),
+}

@@ -30,7 +30,7 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     if result is None:
         return None
     values, vectors = result
-    return values.clamp(min=0).to(matrix.dtype), vectors.to(matrix.dtype)
+    return values.clamp(min=0).to(matrix.dtype), vectors.to(matrix.dtype).contiguous()
 
 
 def _try_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -12,13 +12,15 @@ import fnmatch
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from tekfac.capture import Capture
 from tekfac.config import CurvatureConfig
 from tekfac.curvature import STATE_KEYS, Curvature, LayerState
-from tekfac.factors import FACTOR_FUNCTIONS
+from tekfac.distributed import Communicator
+from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import sample_targets, sampled_loss
 from tekfac.layers import KroneckerLayer, is_supported
 from tekfac.linalg import symmetric_eigh
@@ -100,7 +102,10 @@ class Preconditioner:
         self.capture = Capture(self.model, self.layers, keep_outputs=self.config.fisher == "mc")
         self.steps = 0
         self.seed = torch.initial_seed() if seed is None else seed
-        self._generator: torch.Generator | None = None
+        self.comm = Communicator()
+        self.eigendecompositions = 0  # computed by this rank (the work split's share)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._micro_batches = 0
         self._sampled = False
         self._warned: set[str] = set()
         self.capture.recording = self.statistics_due
@@ -159,26 +164,26 @@ class Preconditioner:
     # ---------------------------------------------------------------- the update
     def update_curvature(self) -> None:
         """Fold this step's statistics into the running estimates (DESIGN.md §4.1–3) and
-        advance the step counter."""
+        advance the step counter. In a process group every rank must call it on every step."""
+        c = self.config
+        batch, skipped = {}, set()
         if self.statistics_due:
-            c = self.config
-            batch = self._collect()
-            cov, eig, scale = (self._due(c.cov_update_freq), self._due(c.eigen_update_freq),
-                               self._due(c.scale_update_freq))
-            for layer, (a, g) in batch.items():
-                state = self.states[layer]
-                if not self._finite(layer, "statistics", a, g):
-                    continue  # keep this layer's last good preconditioner untouched
-                if cov and not self._update_factors(layer, state, a, g):
-                    continue
-                if state.factor_in is not None and (eig or state.basis_in is None):
-                    self._update_basis(layer, state)
-                if c.scaling == "corrected" and scale and state.basis_in is not None:
-                    self._update_corrected(layer, state, a, g)
+            batch = {layer: ag for layer, ag in self._collect().items()
+                     if self._finite(layer, "statistics", *ag)}
+            if self._due(c.cov_update_freq):
+                skipped = self._update_factors(batch)
+        refresh = [la for la in self.layers if la not in skipped
+                   and self.states[la].factor_in is not None
+                   and (self._due(c.eigen_update_freq) or self.states[la].basis_in is None)]
+        if refresh:
+            self._update_bases(refresh)
+        if c.scaling == "corrected" and self._due(c.scale_update_freq):
+            self._update_corrected(batch, skipped)
         self.steps += 1
         self.capture.clear()
         self.capture.recording = self.statistics_due
         self._sampled = False
+        self._micro_batches = 0
 
     def directions(self, weight_decay: float = 0.0) -> dict[KroneckerLayer, Tensor]:
         """Preconditioned ``(d_out, d_in)`` gradient matrices (plus ``weight_decay·M`` before
@@ -214,37 +219,93 @@ class Preconditioner:
             batch[layer] = (a, g / self._loss_scale())
         return batch
 
-    def _update_factors(self, layer: KroneckerLayer, state: LayerState, a: Tensor,
-                        g: Tensor) -> bool:
-        stats = FACTOR_FUNCTIONS[self.config.factors](a, g)
-        if not self._finite(layer, "statistics", *stats):
-            return False
-        first = state.factor_in is None
-        state.factor_in = stats.factor_in if first else self._ema(state.factor_in, stats[0])
-        state.factor_out = stats.factor_out if first else self._ema(state.factor_out, stats[1])
-        state.scale = stats.scale if first else self._ema(state.scale, stats.scale)
-        return True
+    def _update_factors(self, batch: dict[KroneckerLayer, tuple[Tensor, Tensor]]
+                        ) -> set[KroneckerLayer]:
+        """EMA of the (globally averaged) factors; returns the layers left unchanged."""
+        kind = FACTOR_KINDS[self.config.factors]
+        items = []
+        for layer in self.layers:
+            if layer in batch:
+                a, g = batch[layer]
+                items.append((list(kind.batch(a, g)), float(a.shape[0])))
+            elif self.comm.active:  # every rank reduces every layer, in the same order
+                d_in, d_out = layer.d_in, layer.d_out
+                items.append(([self._zeros(layer, d_in, d_in), self._zeros(layer, d_out, d_out),
+                               self._zeros(layer)], 0.0))
+        averaged = iter(self.comm.weighted_mean(items))
+        skipped = set()
+        for layer in self.layers:
+            if layer not in batch and not self.comm.active:
+                skipped.add(layer)
+                continue
+            tensors, total = next(averaged)
+            stats = kind.finalize(FactorStatistics(*tensors))
+            if total == 0 or not self._finite(layer, "statistics", *stats):
+                skipped.add(layer)
+                continue
+            state = self.states[layer]
+            first = state.factor_in is None
+            state.factor_in = stats[0] if first else self._ema(state.factor_in, stats[0])
+            state.factor_out = stats[1] if first else self._ema(state.factor_out, stats[1])
+            state.scale = stats[2] if first else self._ema(state.scale, stats[2])
+        return skipped
 
-    def _update_basis(self, layer: KroneckerLayer, state: LayerState) -> None:
-        new_in, new_out = symmetric_eigh(state.factor_in), symmetric_eigh(state.factor_out)
-        if new_in is None or new_out is None:
-            self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
-            return
-        (eig_in, basis_in), (eig_out, basis_out) = new_in, new_out
-        if self.config.scaling == "kronecker":
-            state.scaling = kronecker_scaling(eig_in, eig_out, state.scale)
-        elif state.scaling is not None:
-            state.scaling = carry_scaling(state.scaling, state.basis_in, state.basis_out,
-                                          basis_in, basis_out)
-        state.basis_in, state.basis_out = basis_in, basis_out
-        state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
+    def _update_bases(self, layers: list[KroneckerLayer]) -> None:
+        """Eigendecompose both factors of ``layers``, split over ranks by cost ``d³``."""
+        matrices = [m for la in layers for m in (self.states[la].factor_in,
+                                                 self.states[la].factor_out)]
+        owners = self.comm.assign([float(m.shape[0]) ** 3 for m in matrices])
 
-    def _update_corrected(self, layer: KroneckerLayer, state: LayerState, a: Tensor,
-                          g: Tensor) -> None:
-        batch = corrected_scaling(a, g, state.basis_in, state.basis_out)
-        if not self._finite(layer, "corrected scaling", batch):
-            return
-        state.scaling = batch if state.scaling is None else self._ema(state.scaling, batch)
+        def compute(i: int) -> list[Tensor]:
+            self.eigendecompositions += 1
+            result = symmetric_eigh(matrices[i])
+            if result is None:  # tell every rank, through non-finite values
+                m = matrices[i]
+                return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
+            return list(result)
+
+        templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
+        results = self.comm.share(owners, compute, templates)
+        for k, layer in enumerate(layers):
+            (eig_in, basis_in), (eig_out, basis_out) = results[2 * k], results[2 * k + 1]
+            if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
+                self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
+                continue
+            state = self.states[layer]
+            if self.config.scaling == "kronecker":
+                state.scaling = kronecker_scaling(eig_in, eig_out, state.scale)
+            elif state.scaling is not None:
+                state.scaling = carry_scaling(state.scaling, state.basis_in, state.basis_out,
+                                              basis_in, basis_out)
+            state.basis_in, state.basis_out = basis_in, basis_out
+            state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
+
+    def _update_corrected(self, batch: dict[KroneckerLayer, tuple[Tensor, Tensor]],
+                          skipped: set[KroneckerLayer]) -> None:
+        """EMA of the (globally averaged) corrected second moments in the current basis."""
+        layers = [la for la in self.layers if la not in skipped
+                  and self.states[la].basis_in is not None
+                  and (la in batch or self.comm.active)]
+        items = []
+        for layer in layers:
+            state = self.states[layer]
+            if layer in batch:
+                a, g = batch[layer]
+                items.append(([corrected_scaling(a, g, state.basis_in, state.basis_out)],
+                              float(a.shape[0])))
+            else:
+                items.append(([self._zeros(layer, layer.d_out, layer.d_in)], 0.0))
+        for layer, ((estimate,), total) in zip(layers, self.comm.weighted_mean(items)):
+            state = self.states[layer]
+            if total == 0 or not self._finite(layer, "corrected scaling", estimate):
+                continue
+            state.scaling = estimate if state.scaling is None else self._ema(state.scaling,
+                                                                              estimate)
+
+    def _zeros(self, layer: KroneckerLayer, *shape: int) -> Tensor:
+        weight = layer.module.weight
+        return torch.zeros(shape, dtype=self.config.factor_dtype or weight.dtype,
+                           device=weight.device)
 
     def _ema(self, old: Tensor, new: Tensor) -> Tensor:
         return torch.lerp(new, old, self.config.stat_decay)
@@ -270,21 +331,24 @@ class Preconditioner:
         return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
 
     def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
+        """The MC sampler, seeded from (seed, step, rank, micro-batch): a pure function of the
+        step counter, so checkpoints need no RNG state and ranks draw different labels."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        entropy = [self.seed, self.steps, self.comm.rank, self._micro_batches]
+        gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+                            >> np.uint64(1)))
+        self._micro_batches += 1
+        return gen
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Step counter, per-layer statistics/bases/scalings (keyed by layer name) and the
-        MC sampler's RNG state."""
-        gen = self._generator
+        """Step counter, MC seed and per-layer statistics/bases/scalings (keyed by layer
+        name). The MC sampler is a function of (seed, step), so no RNG state is needed."""
         return {
             "steps": self.steps,
             "seed": self.seed,
-            "rng": None if gen is None else {"device": str(gen.device),
-                                             "state": gen.get_state()},
             "layers": {layer.name: self.states[layer].to_dict() for layer in self.layers},
         }
 
@@ -306,13 +370,8 @@ class Preconditioner:
             state = LayerState(**{k: v.to(layer.module.weight.device) for k, v in entry.items()})
             _check_shapes(layer, state)
             new_states[layer] = state
-        generator = None
-        rng = state_dict.get("rng")
-        if rng is not None:
-            generator = torch.Generator(device=rng["device"])
-            generator.set_state(rng["state"])
         self.steps, self.seed = int(state_dict["steps"]), int(state_dict["seed"])
-        self.states, self._generator = new_states, generator
+        self.states = new_states
         self.capture.clear()
         self.capture.recording = self.statistics_due
 

@@ -1,0 +1,202 @@
+"""Data-parallel training with gloo on CPU: equality with the single-process reference on the
+concatenated batch, the eigendecomposition work split, resume, and failing fast."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import tekfac
+from tests.conftest import tiny_net
+
+FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
+STEPS = 5
+PER_RANK = 12  # ≥ 19 examples in all: full-rank factors, so the eigenbases are unique
+TIMEOUT_S = 120
+
+
+def launch(fn, world: int, tmp_path: Path, *args) -> None:
+    """Run ``fn(rank, world, tmp_path, *args)`` in ``world`` spawned processes; fail on an
+    error in any of them or when they are not all done within TIMEOUT_S."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world, str(tmp_path), *args))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
+    for p in procs:
+        p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errors = [(tmp_path / f"error{r}.txt").read_text() for r in range(world)
+              if (tmp_path / f"error{r}.txt").exists()]
+    assert not errors, "\n".join(errors)
+    assert not alive, f"ranks still running after {TIMEOUT_S}s: hung"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _entry(fn, rank, world, tmp, *args):
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, Path(tmp), *args)
+    except BaseException:
+        (Path(tmp) / f"error{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _init(rank, world, tmp, timeout_s=30):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _data(world, steps=STEPS):
+    gen = torch.Generator().manual_seed(123)
+    return [(torch.randn(world * PER_RANK, 2, 5, 5, generator=gen, dtype=torch.float64),
+             torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(steps)]
+
+
+def _train(model, opt, batches, mc):
+    for x, y in batches:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        opt.backward(loss, out) if mc else loss.backward()
+        opt.step()
+
+
+def _equal_to_reference(rank, world, tmp):
+    data = _data(world)
+    references = {}
+    for method in tekfac.METHODS:  # single process on the concatenated batches, no group yet
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
+        _train(net, opt, data, mc=False)
+        references[method] = (net, opt)
+    _init(rank, world, tmp)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    for method, (ref_net, ref_opt) in references.items():
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical", **FAST)
+        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=False)
+        # Kronecker scalings depend on the factors only; corrected ones also on the basis,
+        # which roundoff (another summation order) rotates by ~ε/gap, hence the looser
+        # tolerance. (With rank-deficient factors the basis of the null space is arbitrary
+        # and corrected scalings legitimately differ.)
+        tol = 1e-10 if method in ("kfac", "tkfac") else 1e-6
+        for module, ref_module in zip(net.modules(), ref_net.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                dense, ref = opt.curvature(module).dense(), ref_opt.curvature(ref_module).dense()
+                assert (dense - ref).norm() <= tol * ref.norm(), (method, module)
+        for p, q in zip(net.parameters(), ref_net.parameters()):
+            assert (p - q).norm() <= tol * q.norm(), (method, p.shape)
+        # the work split: 3 layers × 2 factors at each of 2 refreshes (steps 0 and 3)
+        counts = [torch.zeros((), dtype=torch.long) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor(opt.preconditioner.eigendecompositions))
+        counts = [int(c) for c in counts]
+        assert sum(counts) == 12 and max(counts) < 12, counts
+        assert ref_opt.preconditioner.eigendecompositions == 12
+        assert opt.preconditioner.comm.bytes_sent > 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_equals_the_single_process_reference(world, tmp_path):
+    launch(_equal_to_reference, world, tmp_path)
+
+
+def _resume(rank, world, tmp):
+    _init(rank, world, tmp)
+    data = _data(world, steps=8)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    batches = [(x[shard], y[shard]) for x, y in data]
+
+    def build():
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        ddp = nn.parallel.DistributedDataParallel(net)
+        return net, ddp, tekfac.TEKFAC(ddp, **FAST)
+
+    net, ddp, opt = build()
+    _train(ddp, opt, batches[:3], mc=True)
+    if rank == 0:
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp / "ckpt.pt")
+    dist.barrier()
+    _train(ddp, opt, batches[3:], mc=True)
+    net2, ddp2, opt2 = build()
+    ckpt = torch.load(tmp / "ckpt.pt", weights_only=True)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _train(ddp2, opt2, batches[3:], mc=True)
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+    # ranks agree with each other (MC labels differ per rank, the statistics are shared)
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def test_state_saved_on_rank0_resumes_identically_on_all_ranks(tmp_path):
+    launch(_resume, 2, tmp_path)
+
+
+def _one_rank_fails(rank, world, tmp):
+    _init(rank, world, tmp, timeout_s=20)
+    torch.manual_seed(0)
+    net, _ = tiny_net("mlp")
+    opt = tekfac.KFAC(net, fisher="empirical")
+    if rank == 1:
+        os._exit(3)  # a crash: no clean shutdown of the process group
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    F.cross_entropy(net(x), y).backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        (tmp / "rank0.txt").write_text(str(e))
+        return
+    raise AssertionError("rank 0 finished a step although rank 1 had crashed")
+
+
+def test_a_crashed_rank_makes_the_others_fail_fast(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_entry, args=(_one_rank_fails, r, 2, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(TIMEOUT_S)
+    hung = procs[0].is_alive()
+    for p in procs:
+        p.kill()
+        p.join()
+    assert not hung, "rank 0 hung after rank 1 crashed"
+    message = (tmp_path / "rank0.txt").read_text()
+    assert "another rank probably crashed" in message
+
+
+def test_communicator_is_a_no_op_without_a_group():
+    comm = tekfac.distributed.Communicator()
+    t = [torch.ones(2)]
+    assert comm.weighted_mean([(t, 3.0)]) == [(t, 3.0)]
+    assert comm.assign([8.0, 1.0, 27.0]) == [0, 0, 0]
+
+
+def test_greedy_split_is_largest_first():
+    comm = tekfac.distributed.Communicator()
+    comm.size = 2  # only the assignment is exercised
+    # costs 27, 8, 8, 1: 27 → r0; 8 → r1; 8 → r1 (load 8 < 27); 1 → r1 (16 < 27)
+    assert comm.assign([8.0, 27.0, 1.0, 8.0]) == [1, 0, 1, 1]
