@@ -15,11 +15,13 @@ accumulation over micro-batches), concatenated along the batch ``N``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from tekfac import factors
 from tekfac.layers import KroneckerLayer
 
 
@@ -82,29 +84,21 @@ class Capture:
     def has_inputs(self) -> bool:
         return any(self.calls.values())
 
-    def batch(self, layer: KroneckerLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """``a (N, T, d_in)`` and raw ``g (N, T, d_out)`` in ``dtype`` of the calls that
-        received an output gradient (see the module docstring for how calls are joined);
-        ``None`` if none did."""
-        calls = [c for c in self.calls.get(layer, ()) if c.grad is not None]
-        if not calls:
-            return None
+    def batch(self, layer: KroneckerLayer) -> LayerBatch | None:
+        """This step's calls of ``layer`` that received an output gradient, grouped by forward
+        (see the module docstring); ``None`` if none did."""
         groups: dict[int, list[Call]] = {}
-        for call in calls:
-            groups.setdefault(call.forward, []).append(call)
-        a_parts, g_parts = [], []
+        for call in self.calls.get(layer, ()):
+            if call.grad is not None:
+                groups.setdefault(call.forward, []).append(call)
         for group in groups.values():
-            a = [layer.inputs(c.inputs.to(dtype)) for c in group]
-            g = [layer.output_gradients(c.grad.to(dtype)) for c in group]
-            if len({x.shape[0] for x in a}) > 1:
+            sizes = [c.inputs.shape[0] if c.inputs.dim() > 1 else 1 for c in group]
+            if len(set(sizes)) > 1:
                 raise RuntimeError(
-                    f"Layer {layer.name!r} was called on batches of different sizes "
-                    f"{[x.shape[0] for x in a]} within one forward; tekfac treats repeated calls "
-                    "in one forward as the same examples (weight sharing). Exclude the layer or "
-                    "call it once per example batch")
-            a_parts.append(torch.cat(a, dim=1))
-            g_parts.append(torch.cat(g, dim=1))
-        return torch.cat(a_parts), torch.cat(g_parts)
+                    f"Layer {layer.name!r} was called on batches of different sizes {sizes} "
+                    "within one forward; tekfac treats repeated calls in one forward as the same "
+                    "examples (weight sharing). Exclude the layer or call it once per batch")
+        return LayerBatch(layer, list(groups.values())) if groups else None
 
     def clear(self) -> None:
         """Forget this step's records."""
@@ -116,3 +110,49 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.clear()
+
+
+@dataclass(eq=False)
+class LayerBatch:
+    """The recorded examples of one layer in one step, turned into ``(a, g)`` chunk by chunk.
+
+    Attributes:
+        layer: the layer.
+        groups: its calls, one list per model forward.
+    """
+
+    layer: KroneckerLayer
+    groups: list[list[Call]]
+
+    @property
+    def num_examples(self) -> int:
+        """``N``: the examples of all forwards (micro-batches) together."""
+        return sum(_examples(group[0]) for group in self.groups)
+
+    def chunks(self, dtype: torch.dtype, grad_multiplier: float = 1.0
+               ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``a (n, T, d_in)`` and ``g·grad_multiplier (n, T, d_out)`` for chunks of ``n``
+        examples, each ``a`` of at most about ``CHUNK_ELEMENTS`` elements, in ``dtype``.
+
+        Calls of one forward are concatenated along ``T``; patches are unfolded per chunk, so
+        the whole batch's patches never exist at once.
+        """
+        layer = self.layer
+        for group in self.groups:
+            n = _examples(group[0])
+            locations = sum(c.grad.numel() // (n * layer.d_out) for c in group)
+            step = max(1, factors.CHUNK_ELEMENTS // (locations * layer.d_in))
+            for start in range(0, n, step):
+                part = slice(start, start + step)
+                a = [layer.inputs(_rows(c.inputs, part).to(dtype)) for c in group]
+                g = [layer.output_gradients(_rows(c.grad, part).to(dtype)) for c in group]
+                yield torch.cat(a, dim=1), torch.cat(g, dim=1) * grad_multiplier
+
+
+def _examples(call: Call) -> int:
+    return call.inputs.shape[0] if call.inputs.dim() > 1 else 1
+
+
+def _rows(t: Tensor, part: slice) -> Tensor:
+    """Examples ``part`` of a batched tensor; an unbatched (1-d) tensor is one example."""
+    return t[part] if t.dim() > 1 else t[None]

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-#: Largest number of elements of per-example gradients materialised at once.
+#: Largest number of elements of a layer's patches, or of per-example gradients, materialised
+#: at once.
 CHUNK_ELEMENTS = 1 << 22
 
 

@@ -141,10 +141,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def _preconditioned(self, group: dict, coupled_decay: float) -> dict[Tensor, Tensor]:
         """Parameter → KL-clipped preconditioned direction, for the tracked layers."""
-        directions = self.preconditioner.directions(coupled_decay)
-        if group["kl_clip"] is not None and directions:
-            vdot = sum((d * la.gradient_matrix(coupled_decay)).sum()
-                       for la, d in directions.items())
+        pairs = self.preconditioner.directions(coupled_decay)
+        directions = {la: d for la, (_, d) in pairs.items()}
+        if group["kl_clip"] is not None and pairs:
+            vdot = torch.stack([torch.vdot(g.reshape(-1), d.reshape(-1))
+                                for g, d in pairs.values()]).sum()
             nu = _kl_clip_factor(vdot, group["lr"], group["kl_clip"])
             directions = {la: d * nu for la, d in directions.items()}
         return {p: piece for la, d in directions.items()

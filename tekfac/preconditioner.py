@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tekfac.capture import Capture
+from tekfac.capture import Capture, LayerBatch
 from tekfac.config import CurvatureConfig
 from tekfac.curvature import STATE_KEYS, Curvature, LayerState
 from tekfac.distributed import Communicator
@@ -148,7 +148,7 @@ class Preconditioner:
     def step(self) -> None:
         """Update the statistics that are due and precondition the gradients in place."""
         self.update_curvature()
-        for layer, direction in self.directions().items():
+        for layer, (_, direction) in self.directions().items():
             for param, piece in zip(layer.params, layer.split(direction)):
                 param.grad.copy_(piece)
 
@@ -168,8 +168,7 @@ class Preconditioner:
         c = self.config
         batch, skipped = {}, set()
         if self.statistics_due:
-            batch = {layer: ag for layer, ag in self._collect().items()
-                     if self._finite(layer, "statistics", *ag)}
+            batch = self._collect()
             if self._due(c.cov_update_freq):
                 skipped = self._update_factors(batch)
         refresh = [la for la in self.layers if la not in skipped
@@ -185,49 +184,58 @@ class Preconditioner:
         self._sampled = False
         self._micro_batches = 0
 
-    def directions(self, weight_decay: float = 0.0) -> dict[KroneckerLayer, Tensor]:
-        """Preconditioned ``(d_out, d_in)`` gradient matrices (plus ``weight_decay·M`` before
-        preconditioning) of the layers that have a gradient; a layer without curvature yet
-        keeps its plain gradient."""
+    def directions(self, weight_decay: float = 0.0
+                   ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
+        """``(∇, Δ)`` per layer that has a gradient: the ``(d_out, d_in)`` gradient matrix
+        (plus ``weight_decay·M``) and its preconditioned form ``(F̂ + damping)^{-1} ∇``; a
+        layer without curvature yet has ``Δ = ∇``."""
         out = {}
         for layer in self.layers:
             grad = layer.gradient_matrix(weight_decay)
             if grad is None:
                 continue
             state = self.states[layer]
-            if state.scaling is not None:
-                grad = Curvature(layer, state, self.config).precondition(grad)
-            out[layer] = grad
+            if state.scaling is None:
+                out[layer] = (grad, grad)
+            else:
+                out[layer] = (grad, Curvature(layer, state, self.config).precondition(grad))
         return out
 
-    def _collect(self) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
-        """This step's ``(a, g)`` per layer, in ``factor_dtype``, with ``g`` per example."""
+    def _collect(self) -> dict[KroneckerLayer, LayerBatch]:
+        """This step's recorded examples per layer (nothing is unfolded yet)."""
         cap = self.capture
-        mc = self.config.fisher == "mc"
-        if mc and cap.has_inputs and not self._sampled:
+        if self.config.fisher == "mc" and cap.has_inputs and not self._sampled:
             raise RuntimeError(
                 "fisher='mc' needs the sampled backward on statistics steps: replace "
                 "loss.backward() by optimizer.backward(loss, outputs) (or pass fisher='empirical')")
-        batch = {}
-        for layer in cap.calls:
-            recorded = cap.batch(layer, self.config.factor_dtype or layer.module.weight.dtype)
-            if recorded is None:  # the layer did not take part in the loss
-                continue
-            a, g = recorded
-            if not mc and self.config.reduction == "mean":
-                g = g * a.shape[0]  # the batch-mean loss's gradient, per example
-            batch[layer] = (a, g / self._loss_scale())
-        return batch
+        batches = {layer: cap.batch(layer) for layer in cap.calls}
+        return {layer: b for layer, b in batches.items() if b is not None}
 
-    def _update_factors(self, batch: dict[KroneckerLayer, tuple[Tensor, Tensor]]
+    def _batch_mean(self, batch: LayerBatch, fn: Callable[[Tensor, Tensor], Sequence[Tensor]]
+                    ) -> list[Tensor]:
+        """The batch mean of the per-chunk means ``fn(a, g)``, with ``g`` per example: the
+        user's batch-mean loss gradient times ``N`` (the MC pass is per example already),
+        divided by the GradScaler's scale."""
+        layer = batch.layer
+        dtype = self.config.factor_dtype or layer.module.weight.dtype
+        n = batch.num_examples
+        per_example = n if self.config.fisher == "empirical" and self.config.reduction == "mean" \
+            else 1
+        total: list[Tensor] | None = None
+        for a, g in batch.chunks(dtype, per_example / self._loss_scale()):
+            part = [t * (a.shape[0] / n) for t in fn(a, g)]
+            total = part if total is None else [x + y for x, y in zip(total, part)]
+        return total  # type: ignore[return-value]
+
+    def _update_factors(self, batch: dict[KroneckerLayer, LayerBatch]
                         ) -> set[KroneckerLayer]:
         """EMA of the (globally averaged) factors; returns the layers left unchanged."""
         kind = FACTOR_KINDS[self.config.factors]
         items = []
         for layer in self.layers:
             if layer in batch:
-                a, g = batch[layer]
-                items.append((list(kind.batch(a, g)), float(a.shape[0])))
+                items.append((self._batch_mean(batch[layer], kind.batch),
+                              float(batch[layer].num_examples)))
             elif self.comm.active:  # every rank reduces every layer, in the same order
                 d_in, d_out = layer.d_in, layer.d_out
                 items.append(([self._zeros(layer, d_in, d_in), self._zeros(layer, d_out, d_out),
@@ -280,7 +288,7 @@ class Preconditioner:
             state.basis_in, state.basis_out = basis_in, basis_out
             state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
 
-    def _update_corrected(self, batch: dict[KroneckerLayer, tuple[Tensor, Tensor]],
+    def _update_corrected(self, batch: dict[KroneckerLayer, LayerBatch],
                           skipped: set[KroneckerLayer]) -> None:
         """EMA of the (globally averaged) corrected second moments in the current basis."""
         layers = [la for la in self.layers if la not in skipped
@@ -290,9 +298,11 @@ class Preconditioner:
         for layer in layers:
             state = self.states[layer]
             if layer in batch:
-                a, g = batch[layer]
-                items.append(([corrected_scaling(a, g, state.basis_in, state.basis_out)],
-                              float(a.shape[0])))
+                def estimate(a: Tensor, g: Tensor, s: LayerState = state) -> list[Tensor]:
+                    return [corrected_scaling(a, g, s.basis_in, s.basis_out)]
+
+                items.append((self._batch_mean(batch[layer], estimate),
+                              float(batch[layer].num_examples)))
             else:
                 items.append(([self._zeros(layer, layer.d_out, layer.d_in)], 0.0))
         for layer, ((estimate,), total) in zip(layers, self.comm.weighted_mean(items)):

@@ -212,7 +212,9 @@ def test_mc_accumulation_counts_every_micro_batch():
         out = net(x[sl])
         opt.backward(F.cross_entropy(out, y[sl]) / 3, out)
     collected = opt.preconditioner._collect()
-    assert all(a.shape[0] == 12 and g.shape[0] == 12 for a, g in collected.values())
+    assert [b.num_examples for b in collected.values()] == [12, 12]
+    chunks = list(collected[opt.preconditioner.layers[0]].chunks(torch.float64))
+    assert [(a.shape, g.shape) for a, g in chunks] == [((4, 1, 6), (4, 1, 4))] * 3
     opt.step()
 
 
@@ -364,3 +366,20 @@ def test_reference_and_shared_layers_agree_without_sharing():
     for module, ref in refs.items():
         torch.testing.assert_close(pre.curvature(module).dense(), ref.kfac_dense(),
                                    rtol=1e-8, atol=1e-10)
+
+
+def test_chunked_statistics_equal_whole_batch_statistics(method, monkeypatch):
+    """Patches and per-example gradients are processed in chunks; the result must not
+    depend on the chunk size (here: one example per chunk)."""
+    net, shape = tiny_net("cnn")
+    twin = copy.deepcopy(net)
+    x, y = batch(shape, n=6)
+    results = []
+    for model, chunk in ((net, 1 << 22), (twin, 1)):
+        monkeypatch.setattr(tekfac.factors, "CHUNK_ELEMENTS", chunk)
+        pre = tekfac.Preconditioner(model, method, fisher="empirical", **EVERY)
+        F.cross_entropy(model(x), y).backward()
+        pre.update_curvature()
+        results.append([pre.curvature(la.module).dense() for la in pre.layers])
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-13)

@@ -13,7 +13,7 @@ from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS
 from tekfac.bench.report import SUMMARY_KEYS, plot, summarize, write_summary
 from tekfac.bench.runner import Split, run
 from tekfac.bench.tasks import TASKS
-from tekfac.bench.tune import GRIDS, TRIALS, load_hparams
+from tekfac.bench.tune import TRIALS, grid, load_hparams
 from tekfac.cli import main
 
 SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
@@ -92,8 +92,9 @@ def test_plots_are_written(tmp_path):
 
 
 def test_tuning_gives_every_optimizer_the_same_budget():
-    assert set(GRIDS) == set(OPTIMIZERS)
-    assert all(len(grid) == TRIALS for grid in GRIDS.values())
+    for task in TASKS:
+        assert set(grid(task)) == set(OPTIMIZERS)
+        assert all(len(points) == TRIALS for points in grid(task).values())
     for name in ("fmnist-cnn", "fmnist-autoencoder"):
         hparams, _ = load_hparams(name)
         assert set(hparams) >= set(OPTIMIZERS)
