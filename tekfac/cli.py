@@ -11,11 +11,13 @@ import json
 import os
 import platform
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 PRESETS: dict[str, dict] = {
     "smoke": dict(tasks=["digits-mlp"], seeds=1, epochs=10),
@@ -54,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=None,
                        help="output folder (default results/<timestamp>)")
     bench.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
+    bench.add_argument("--nproc", type=int, default=1,
+                       help="data-parallel processes on this machine (gloo on CPU, NCCL on "
+                       "CUDA); --batch-size stays the global batch. For several machines use "
+                       "torchrun (see README)")
 
     tune = sub.add_parser("tune", parents=[common], help="tune learning rate and damping",
                           description="Grid search with the same number of trials per "
@@ -84,23 +90,28 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace, command: str) -> None:
     from tekfac.bench.data import load_dataset
     from tekfac.bench.report import markdown_table, plot, write_summary
-    from tekfac.bench.runner import Split, run
     from tekfac.bench.tasks import TASKS
     from tekfac.bench.tune import load_hparams
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     preset = PRESETS[args.preset]
     tasks = args.tasks or preset["tasks"]
     seeds = range(args.seeds or preset["seeds"])
     epochs = args.epochs or preset["epochs"]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / stamp
-    out.mkdir(parents=True, exist_ok=True)
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, args.data_dir) for t in tasks}
     hparams = {t: load_hparams(t) for t in tasks}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rank > 0:  # the other ranks train; rank 0 records and reports
+        for task_name in tasks:
+            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, None)
+        return
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dict(
         command=command, tasks=tasks, optimizers=args.optimizers, seeds=list(seeds),
         epochs=epochs, batch_size=args.batch_size, train_size=args.train_size,
-        device=args.device, hparams={t: {"values": h, "source": s} for t, (h, s) in
+        device=args.device, processes=world, hparams={t: {"values": h, "source": s} for t, (h, s) in
                                      hparams.items()},
         machine=dict(platform=platform.platform(), processor=platform.machine(),
                      cpus=os.cpu_count(), torch=torch.__version__,
@@ -115,17 +126,47 @@ def _bench(args: argparse.Namespace, command: str) -> None:
 
         start = time.perf_counter()
         for task_name in tasks:
-            task, data = TASKS[task_name], datasets[TASKS[task_name].dataset]
-            n = args.train_size or len(data.train_x)
-            split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
-            for optimizer in args.optimizers:
-                for seed in seeds:
-                    run(task, split, optimizer, hparams[task_name][0][optimizer], seed, epochs,
-                        args.batch_size, args.device, args.quiet, emit)
+            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, emit)
     write_summary(records, out)
     plot(records, out)
     print(markdown_table(json.loads((out / "summary.json").read_text())))
     print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
+
+
+def _run_task(args, task, datasets, hparams, seeds, epochs, emit) -> None:
+    from tekfac.bench.runner import Split, run
+
+    data = datasets[task.dataset]
+    n = args.train_size or len(data.train_x)
+    split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+    for optimizer in args.optimizers:
+        for seed in seeds:
+            run(task, split, optimizer, hparams[task.name][0][optimizer], seed, epochs,
+                args.batch_size, args.device, args.quiet, emit)
+
+
+def _init_distributed(device: str) -> None:
+    """Join the process group that ``torchrun`` (or ``--nproc``) describes in the
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method="env://")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def _spawned(rank: int, nproc: int, port: int, argv: list[str]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "tekfac " + shlex.join(argv)
     from tekfac.bench.data import DataError
 
+    if args.command == "bench" and args.nproc > 1:
+        if args.batch_size % args.nproc:
+            parser.error(f"--batch-size {args.batch_size} is not divisible by --nproc "
+                         f"{args.nproc}")
+        child = [*argv, "--nproc", "1"]  # each process is one rank (the last value wins)
+        torch.multiprocessing.spawn(_spawned, args=(args.nproc, _free_port(), child),
+                                    nprocs=args.nproc)
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _init_distributed(args.device)
     try:
         if args.command == "bench":
             _bench(args, command)
@@ -150,4 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"tekfac: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -51,6 +51,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the
             recorded output gradients are unscaled (use ``scaler.step(optimizer)`` as usual).
+        distributed_mode: in a process group, ``"replicated"`` (every rank keeps every
+            eigenbasis; the decompositions are split over ranks and broadcast) or ``"owner"``
+            (KFAC/TKFAC only: each layer's basis lives on one rank, which preconditions that
+            layer and broadcasts the direction: less memory, a broadcast per step).
         damping, damping_type, damping_floor, fisher, loss, reduction, stat_decay,
         cov_update_freq, eigen_update_freq, scale_update_freq, factor_dtype: see
             :class:`tekfac.config.CurvatureConfig`. ``scale_update_freq`` is ignored by KFAC
@@ -62,7 +66,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
-                 **curvature_options: object):
+                 distributed_mode: str = "replicated", **curvature_options: object):
         _check_number("lr", lr, allow_zero=True)
         _check_number("weight_decay", weight_decay, allow_zero=True)
         _check_number("momentum", momentum, allow_zero=True)
@@ -77,7 +81,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if nesterov and momentum == 0:
             raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")
         self.preconditioner = Preconditioner(model, method, exclude=exclude, seed=seed,
-                                             grad_scaler=grad_scaler, **curvature_options)
+                                             grad_scaler=grad_scaler,
+                                             distributed_mode=distributed_mode,
+                                             **curvature_options)
         params = [p for p in self.preconditioner.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Invalid model: it has no trainable parameters")

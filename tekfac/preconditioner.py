@@ -82,13 +82,24 @@ class Preconditioner:
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: the recorded
             output gradients are unscaled with its current scale (and the sampled backward is
             scaled by it, so that it does not underflow in float16).
+        distributed_mode: ``"replicated"`` or ``"owner"``; see
+            :class:`tekfac.optim.KroneckerOptimizer`.
         **options: :class:`tekfac.config.CurvatureConfig` fields (damping, fisher, loss, ...).
     """
 
     def __init__(self, model: nn.Module, method: str = "tekfac", *,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None, **options: object):
+                 grad_scaler: torch.amp.GradScaler | None = None,
+                 distributed_mode: str = "replicated", **options: object):
         self.config = CurvatureConfig.for_method(method, **options)
+        if distributed_mode not in ("replicated", "owner"):
+            raise ValueError(f"Invalid distributed_mode: {distributed_mode!r}; expected "
+                             "'replicated' or 'owner'")
+        if distributed_mode == "owner" and self.config.scaling == "corrected":
+            raise ValueError(
+                "Invalid distributed_mode='owner' for EKFAC/TEKFAC: every rank needs every "
+                "eigenbasis to rotate its own per-example gradients for the corrected scaling, "
+                "so owner mode would save nothing; use 'replicated'")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"Invalid grad_scaler: expected a torch.amp.GradScaler or None, got "
                             f"{type(grad_scaler).__name__}")
@@ -104,6 +115,10 @@ class Preconditioner:
         self.seed = torch.initial_seed() if seed is None else seed
         self.comm = Communicator()
         self.eigendecompositions = 0  # computed by this rank (the work split's share)
+        #: layer → the rank that keeps its basis and preconditions it ('owner' mode only)
+        self.owners = dict(zip(self.layers, self.comm.assign(
+            [float(la.d_in) ** 3 + float(la.d_out) ** 3 for la in self.layers]))) \
+            if distributed_mode == "owner" and self.comm.active else None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._micro_batches = 0
         self._sampled = False
@@ -159,7 +174,14 @@ class Preconditioner:
             tracked = ", ".join(la.name for la in self.layers)
             raise KeyError(f"{type(module).__name__} is not tracked by this optimizer; tracked "
                            f"layers: {tracked}")
+        if self.owners is not None and self.owners[layer] != self.comm.rank:
+            raise RuntimeError(f"Layer {layer.name!r} is held by rank {self.owners[layer]} "
+                               "(distributed_mode='owner'); ask that rank")
         return Curvature(layer, self.states[layer], self.config)
+
+    def _mine(self, layer: KroneckerLayer) -> bool:
+        """Whether this rank keeps the layer's basis (always, unless in 'owner' mode)."""
+        return self.owners is None or self.owners[layer] == self.comm.rank
 
     # ---------------------------------------------------------------- the update
     def update_curvature(self) -> None:
@@ -171,7 +193,7 @@ class Preconditioner:
             batch = self._collect()
             if self._due(c.cov_update_freq):
                 skipped = self._update_factors(batch)
-        refresh = [la for la in self.layers if la not in skipped
+        refresh = [la for la in self.layers if la not in skipped and self._mine(la)
                    and self.states[la].factor_in is not None
                    and (self._due(c.eigen_update_freq) or self.states[la].basis_in is None)]
         if refresh:
@@ -188,18 +210,27 @@ class Preconditioner:
                    ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
         """``(∇, Δ)`` per layer that has a gradient: the ``(d_out, d_in)`` gradient matrix
         (plus ``weight_decay·M``) and its preconditioned form ``(F̂ + damping)^{-1} ∇``; a
-        layer without curvature yet has ``Δ = ∇``."""
-        out = {}
+        layer without curvature yet has ``Δ = ∇``. In 'owner' mode each layer's owner
+        preconditions it and broadcasts ``Δ``."""
+        grads = {}
         for layer in self.layers:
             grad = layer.gradient_matrix(weight_decay)
-            if grad is None:
-                continue
+            if grad is not None:
+                grads[layer] = grad
+
+        def precondition(layer: KroneckerLayer) -> Tensor:
             state = self.states[layer]
             if state.scaling is None:
-                out[layer] = (grad, grad)
-            else:
-                out[layer] = (grad, Curvature(layer, state, self.config).precondition(grad))
-        return out
+                return grads[layer]
+            return Curvature(layer, state, self.config).precondition(grads[layer])
+
+        layers = list(grads)
+        if self.owners is None:
+            return {la: (grads[la], precondition(la)) for la in layers}
+        shared = self.comm.share([self.owners[la] for la in layers],
+                                 lambda i: [precondition(layers[i])],
+                                 [[grads[la]] for la in layers])
+        return {la: (grads[la], d) for la, (d,) in zip(layers, shared)}
 
     def _collect(self) -> dict[KroneckerLayer, LayerBatch]:
         """This step's recorded examples per layer (nothing is unfolded yet)."""
@@ -259,10 +290,10 @@ class Preconditioner:
         return skipped
 
     def _update_bases(self, layers: list[KroneckerLayer]) -> None:
-        """Eigendecompose both factors of ``layers``, split over ranks by cost ``d³``."""
+        """Eigendecompose both factors of ``layers``: split over ranks by cost ``d³`` and
+        shared, or ('owner' mode) each rank its own layers."""
         matrices = [m for la in layers for m in (self.states[la].factor_in,
                                                  self.states[la].factor_out)]
-        owners = self.comm.assign([float(m.shape[0]) ** 3 for m in matrices])
 
         def compute(i: int) -> list[Tensor]:
             self.eigendecompositions += 1
@@ -272,8 +303,12 @@ class Preconditioner:
                 return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
             return list(result)
 
-        templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
-        results = self.comm.share(owners, compute, templates)
+        if self.owners is None:  # split over ranks, then every rank gets every basis
+            owners = self.comm.assign([float(m.shape[0]) ** 3 for m in matrices])
+            templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
+            results = self.comm.share(owners, compute, templates)
+        else:  # 'owner' mode: these are this rank's own layers, kept here
+            results = [compute(i) for i in range(len(matrices))]
         for k, layer in enumerate(layers):
             (eig_in, basis_in), (eig_out, basis_out) = results[2 * k], results[2 * k + 1]
             if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
@@ -355,12 +390,36 @@ class Preconditioner:
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Step counter, MC seed and per-layer statistics/bases/scalings (keyed by layer
-        name). The MC sampler is a function of (seed, step), so no RNG state is needed."""
-        return {
-            "steps": self.steps,
-            "seed": self.seed,
-            "layers": {layer.name: self.states[layer].to_dict() for layer in self.layers},
-        }
+        name). The MC sampler is a function of (seed, step), so no RNG state is needed.
+        In 'owner' mode this is a collective (call it on every rank): each basis comes from
+        its owner."""
+        layers = {layer.name: self.states[layer].to_dict() for layer in self.layers}
+        if self.owners is not None:
+            for layer, held in zip(self.layers, self._owned_bases()):
+                layers[layer.name].update(held)
+        return {"steps": self.steps, "seed": self.seed, "layers": layers}
+
+    def _owned_bases(self) -> list[dict[str, Tensor]]:
+        """Every layer's basis fields, broadcast from its owner (empty if it has none)."""
+        keys = ("basis_in", "basis_out", "eig_in", "eig_out", "basis_scale", "scaling")
+        shapes = {"basis_in": lambda la: (la.d_in, la.d_in),
+                  "basis_out": lambda la: (la.d_out, la.d_out), "eig_in": lambda la: (la.d_in,),
+                  "eig_out": lambda la: (la.d_out,), "basis_scale": lambda la: (),
+                  "scaling": lambda la: (la.d_out, la.d_in)}
+        templates = [[torch.full(shapes[k](la), float("nan"), dtype=la.module.weight.dtype
+                                 if self.config.factor_dtype is None else self.config.factor_dtype,
+                                 device=la.module.weight.device) for k in keys]
+                     for la in self.layers]
+
+        def held(i: int) -> list[Tensor]:
+            state = self.states[self.layers[i]]
+            if state.basis_in is None:
+                return templates[i]
+            return [getattr(state, k) for k in keys]
+
+        shared = self.comm.share([self.owners[la] for la in self.layers], held, templates)
+        return [dict(zip(keys, values)) if bool(torch.isfinite(values[0]).all()) else {}
+                for values in shared]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model."""
@@ -379,6 +438,9 @@ class Preconditioner:
                 raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown}")
             state = LayerState(**{k: v.to(layer.module.weight.device) for k, v in entry.items()})
             _check_shapes(layer, state)
+            if not self._mine(layer):  # 'owner' mode: only the owner keeps the basis
+                state.basis_in = state.basis_out = state.eig_in = state.eig_out = None
+                state.basis_scale = state.scaling = None
             new_states[layer] = state
         self.steps, self.seed = int(state_dict["steps"]), int(state_dict["seed"])
         self.states = new_states

@@ -3,6 +3,7 @@ concatenated batch, the eigendecomposition work split, resume, and failing fast.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import traceback
@@ -112,6 +113,66 @@ def _equal_to_reference(rank, world, tmp):
         assert sum(counts) == 12 and max(counts) < 12, counts
         assert ref_opt.preconditioner.eigendecompositions == 12
         assert opt.preconditioner.comm.bytes_sent > 0
+
+
+def _owner_mode(rank, world, tmp):
+    data = _data(world)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    references = {}
+    for method in ("kfac", "tkfac"):
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
+        _train(net, opt, data, mc=False)
+        references[method] = net
+    _init(rank, world, tmp)
+    for method, ref_net in references.items():
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical",
+                                        distributed_mode="owner", **FAST)
+        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
+        state = copy.deepcopy(opt.state_dict())  # a collective in owner mode: bases from owners
+        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
+        for p, q in zip(net.parameters(), ref_net.parameters()):
+            assert (p - q).norm() <= 1e-10 * q.norm(), method
+        pre = opt.preconditioner
+        mine = [la for la in pre.layers if pre.owners[la] == rank]
+        assert all(pre.states[la].basis_in is not None for la in mine)
+        assert all(pre.states[la].basis_in is None for la in pre.layers if la not in mine)
+        others = [la for la in pre.layers if la not in mine]
+        if others:
+            with pytest.raises(RuntimeError, match="held by rank"):
+                opt.curvature(others[0].module)
+        assert all("basis_in" in entry for entry in state["curvature"]["layers"].values())
+        # resume from the gathered state: the same parameters as without the interruption
+        torch.manual_seed(0)
+        net2, _ = tiny_net("cnn")
+        ddp2 = nn.parallel.DistributedDataParallel(net2)
+        opt2 = tekfac.KroneckerOptimizer(ddp2, method, fisher="empirical",
+                                         distributed_mode="owner", **FAST)
+        torch.manual_seed(0)
+        replay, _ = tiny_net("cnn")
+        replay_ddp = nn.parallel.DistributedDataParallel(replay)
+        replay_opt = tekfac.KroneckerOptimizer(replay_ddp, method, fisher="empirical",
+                                               distributed_mode="owner", **FAST)
+        _train(replay_ddp, replay_opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
+        net2.load_state_dict(replay.state_dict())
+        opt2.load_state_dict(state)
+        _train(ddp2, opt2, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
+        for p, q in zip(net.parameters(), net2.parameters()):
+            assert torch.equal(p, q), method
+
+
+def test_owner_mode_equals_the_reference_and_keeps_bases_on_owners(tmp_path):
+    launch(_owner_mode, 2, tmp_path)
+
+
+def test_owner_mode_is_refused_for_corrected_scaling():
+    net, _ = tiny_net("mlp")
+    with pytest.raises(ValueError, match="owner"):
+        tekfac.TEKFAC(net, distributed_mode="owner")
 
 
 @pytest.mark.parametrize("world", [2, 3])

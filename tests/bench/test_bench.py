@@ -134,3 +134,22 @@ def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4  # 2 optimizers × (epoch 0 + epoch 1)
     assert "| digits-mlp | tekfac |" in capsys.readouterr().out
+
+
+def test_cli_data_parallel_run(tmp_path):
+    """--nproc 2: two gloo ranks on CPU; rank 0 records the run."""
+    out = tmp_path / "dp"
+    code = main(["bench", "--preset", "smoke", "--epochs", "1", "--optimizers", "tekfac",
+                 "--nproc", "2", "--out", str(out), "--quiet"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["processes"] == 2
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert 0.5 < records[-1]["test_metric"] <= 1  # it learned (10 % is chance)
+
+
+def test_cli_rejects_indivisible_batch(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "smoke", "--nproc", "3", "--batch-size", "128"])
+    assert "not divisible" in capsys.readouterr().err
