@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             _bench(args, command)
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 writes the reports; leave together
         else:
             from tekfac.bench.tune import main_tune
 

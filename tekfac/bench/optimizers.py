@@ -32,8 +32,9 @@ KRONECKER_SETTINGS = dict(momentum=0.9, kl_clip=1e-3, stat_decay=0.95, cov_updat
 
 
 def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss: str,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` for ``model``; ``hparams`` holds ``lr`` (and ``damping``)."""
+                   weight_decay: float, **options: object) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for ``model``; ``hparams`` holds ``lr`` (and ``damping``);
+    ``options`` go to the Kronecker methods (e.g. ``distributed_mode``)."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=hparams["lr"], momentum=0.9,
                                weight_decay=weight_decay)
@@ -42,7 +43,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
     if name in SECOND_ORDER:
         return tekfac.KroneckerOptimizer(model, name, lr=hparams["lr"],
                                          damping=hparams["damping"], loss=loss,
-                                         weight_decay=weight_decay, **KRONECKER_SETTINGS)
+                                         weight_decay=weight_decay,
+                                         **{**KRONECKER_SETTINGS, **options})
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
