@@ -42,6 +42,24 @@ def tiny_net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
 NETS = ["mlp", "cnn", "conv1d", "sequence"]
 
 
+def batch(shape: tuple[int, ...], n: int = 8, dtype: torch.dtype = torch.float64):
+    """Random inputs of ``shape`` per example and labels in {0, 1, 2}."""
+    return torch.randn(n, *shape, dtype=dtype), torch.randint(0, 3, (n,))
+
+
+def train(model: nn.Module, opt, batches, mc: bool = True) -> None:
+    """One optimizer step per ``(x, y)`` with cross-entropy; the sampled backward if ``mc``."""
+    for x, y in batches:
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        if mc:
+            opt.backward(loss, out)
+        else:
+            loss.backward()
+        opt.step()
+
+
 @pytest.fixture(params=list(METHODS))
 def method(request) -> str:
     return request.param

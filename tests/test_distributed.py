@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
-from tests.conftest import tiny_net
+from tests.conftest import tiny_net, train
 
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
 STEPS = 5
@@ -69,15 +69,6 @@ def _data(world, steps=STEPS):
              torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(steps)]
 
 
-def _train(model, opt, batches, mc):
-    for x, y in batches:
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        opt.backward(loss, out) if mc else loss.backward()
-        opt.step()
-
-
 def _equal_to_reference(rank, world, tmp):
     data = _data(world)
     references = {}
@@ -85,7 +76,7 @@ def _equal_to_reference(rank, world, tmp):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
         opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
-        _train(net, opt, data, mc=False)
+        train(net, opt, data, mc=False)
         references[method] = (net, opt)
     _init(rank, world, tmp)
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -94,7 +85,7 @@ def _equal_to_reference(rank, world, tmp):
         net, _ = tiny_net("cnn")
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical", **FAST)
-        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=False)
+        train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=False)
         # Kronecker scalings depend on the factors only; corrected ones also on the basis,
         # which roundoff (another summation order) rotates by ~ε/gap, hence the looser
         # tolerance. (With rank-deficient factors the basis of the null space is arbitrary
@@ -123,7 +114,7 @@ def _owner_mode(rank, world, tmp):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
         opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
-        _train(net, opt, data, mc=False)
+        train(net, opt, data, mc=False)
         references[method] = net
     _init(rank, world, tmp)
     for method, ref_net in references.items():
@@ -132,9 +123,9 @@ def _owner_mode(rank, world, tmp):
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical",
                                         distributed_mode="owner", **FAST)
-        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
+        train(ddp, opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
         state = copy.deepcopy(opt.state_dict())  # a collective in owner mode: bases from owners
-        _train(ddp, opt, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
+        train(ddp, opt, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
         for p, q in zip(net.parameters(), ref_net.parameters()):
             assert (p - q).norm() <= 1e-10 * q.norm(), method
         pre = opt.preconditioner
@@ -157,10 +148,10 @@ def _owner_mode(rank, world, tmp):
         replay_ddp = nn.parallel.DistributedDataParallel(replay)
         replay_opt = tekfac.KroneckerOptimizer(replay_ddp, method, fisher="empirical",
                                                distributed_mode="owner", **FAST)
-        _train(replay_ddp, replay_opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
+        train(replay_ddp, replay_opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
         net2.load_state_dict(replay.state_dict())
         opt2.load_state_dict(state)
-        _train(ddp2, opt2, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
+        train(ddp2, opt2, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
         for p, q in zip(net.parameters(), net2.parameters()):
             assert torch.equal(p, q), method
 
@@ -193,16 +184,16 @@ def _resume(rank, world, tmp):
         return net, ddp, tekfac.TEKFAC(ddp, **FAST)
 
     net, ddp, opt = build()
-    _train(ddp, opt, batches[:3], mc=True)
+    train(ddp, opt, batches[:3], mc=True)
     if rank == 0:
         torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp / "ckpt.pt")
     dist.barrier()
-    _train(ddp, opt, batches[3:], mc=True)
+    train(ddp, opt, batches[3:], mc=True)
     net2, ddp2, opt2 = build()
     ckpt = torch.load(tmp / "ckpt.pt", weights_only=True)
     net2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
-    _train(ddp2, opt2, batches[3:], mc=True)
+    train(ddp2, opt2, batches[3:], mc=True)
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p, q)
     # ranks agree with each other (MC labels differ per rank, the statistics are shared)

@@ -11,27 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
-from tests.conftest import tiny_net
+from tests.conftest import batch, tiny_net, train
 
 OPTIMIZERS = {"kfac": tekfac.KFAC, "ekfac": tekfac.EKFAC, "tkfac": tekfac.TKFAC,
               "tekfac": tekfac.TEKFAC}
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
-
-
-def batch(shape, n=8, dtype=torch.float64):
-    return torch.randn(n, *shape, dtype=dtype), torch.randint(0, 3, (n,))
-
-
-def train(model, opt, batches, mc=True):
-    for x, y in batches:
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        if mc:
-            opt.backward(loss, out)
-        else:
-            loss.backward()
-        opt.step()
 
 
 # ------------------------------------------------------------------------- construction

@@ -12,25 +12,14 @@ from torch import nn
 
 import tekfac
 from tekfac import linalg
-from tests.conftest import tiny_net
+from tests.conftest import batch, tiny_net, train
 from tests.reference import layer_references
 
 EVERY = dict(cov_update_freq=1, eigen_update_freq=1, scale_update_freq=1)
 
 
-def batch(shape, n=8, dtype=torch.float64):
-    return torch.randn(n, *shape, dtype=dtype), torch.randint(0, 3, (n,))
-
-
 def step(model, opt, x, y, mc=True):
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.zero_grad()
-    if mc:
-        opt.backward(loss, out)
-    else:
-        loss.backward()
-    opt.step()
+    train(model, opt, [(x, y)], mc)
 
 
 def snapshot(opt):
