@@ -100,8 +100,10 @@ def floor_flops(method: str, shapes: list[tuple[int, int, int]], n: int = BATCH)
         stats += 4 * rows * d_in * d_out  # the MC sampled backward (input gradients)
         if method in ("tkfac", "tekfac") and t > 1:  # δ: cheaper of Gram / per-example forms
             stats += 2 * n * min(t * t * (d_in + d_out), t * d_in * d_out)
-        if method in ("ekfac", "tekfac"):  # rotate a, g; per-example second moments
-            stats += 2 * rows * (d_in**2 + d_out**2) + 2 * n * t * d_in * d_out
+        if method in ("ekfac", "tekfac"):  # per-example gradients, rotated (cheaper order)
+            rotate = (2 * rows * (d_in**2 + d_out**2) if t == 1 else
+                      2 * n * min(t * (d_in**2 + d_out**2), d_in * d_out * (d_in + d_out)))
+            stats += rotate + 2 * n * t * d_in * d_out
         total += stats / COV + 9 * (d_in**3 + d_out**3) / EIGEN
     return total
 

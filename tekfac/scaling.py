@@ -24,14 +24,20 @@ def corrected_scaling(a: Tensor, g: Tensor, basis_in: Tensor, basis_out: Tensor)
 
     the exact second moment of per-example gradients in the basis; shape ``(d_out, d_in)``.
     For ``T = 1`` it is ``(g̃^{∘2})^T (ã^{∘2}) / N`` with ``ã = a U_in``, ``g̃ = g U_out``, so
-    no per-example gradient is materialised.
+    no per-example gradient is materialised. Otherwise the cheaper of two exact orders:
+    rotate ``a`` and ``g`` first (``2NT(d_in² + d_out²)`` FLOPs) or rotate each ``D_i``
+    (``2N d_in d_out (d_in + d_out)``); both then form ``D_i`` at ``2NT d_in d_out``.
     """
-    n = a.shape[0]
-    a_rot = a @ basis_in
-    g_rot = g @ basis_out
-    if a.shape[1] == 1:
-        return g_rot[:, 0].square().T @ a_rot[:, 0].square() / n
-    total = sum(d.square().sum(dim=0) for d in per_example_gradients(a_rot, g_rot))
+    n, t, d_in = a.shape
+    d_out = g.shape[-1]
+    if t == 1:
+        return (g[:, 0] @ basis_out).square().T @ (a[:, 0] @ basis_in).square() / n
+    if t * (d_in**2 + d_out**2) > d_in * d_out * (d_in + d_out):
+        total = sum((basis_out.T @ d @ basis_in).square().sum(dim=0)
+                    for d in per_example_gradients(a, g))
+    else:
+        total = sum(d.square().sum(dim=0)
+                    for d in per_example_gradients(a @ basis_in, g @ basis_out))
     return total / n
 
 
