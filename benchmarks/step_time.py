@@ -2,7 +2,8 @@
 
     python benchmarks/step_time.py [--quick] [--json] [--tasks ...] [--device cpu|cuda]
 
-For each task (synthetic inputs of the task's shape, batch 128) and optimizer the script
+For each task (one batch of 128 real training images, or noise if the data set is missing)
+and optimizer the script
 trains ``--steps`` steps after a warm-up and reports, in milliseconds per step amortised at the
 default update frequencies (statistics every 10 steps, eigendecompositions every 100):
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 import tekfac
+from tekfac.bench.data import DataError, load_dataset
 from tekfac.bench.optimizers import OPTIMIZERS, SECOND_ORDER, backward, make_optimizer
 from tekfac.bench.tasks import TASKS
 
@@ -108,14 +110,25 @@ def floor_flops(method: str, shapes: list[tuple[int, int, int]], n: int = BATCH)
     return total
 
 
+def sample_batch(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of real training images when the data set is installed, else uniform noise
+    (the timings are data dependent: e.g. noise drives some statistics into float32
+    subnormals, which are slow on CPUs)."""
+    try:
+        data = load_dataset(dataset)
+        return data.train_x[:BATCH], data.train_y[:BATCH]
+    except DataError:
+        gen = torch.Generator().manual_seed(0)
+        return (torch.rand(BATCH, *SHAPES[dataset], generator=gen),
+                torch.randint(0, 10, (BATCH,), generator=gen))
+
+
 def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None) -> dict:
     """Train ``steps`` measured steps (after a warm-up of 10) on synthetic data."""
     task = TASKS[task_name]
     torch.manual_seed(0)
     model = task.build().to(device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(BATCH, *SHAPES[task.dataset], generator=gen).to(device)
-    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
+    x, y = (t.to(device) for t in sample_batch(task.dataset))
     opt = make_optimizer(optimizer, model, {"lr": 1e-3, "damping": 0.1}, task.loss,
                          task.weight_decay)
     timer = Timer(device)
