@@ -39,8 +39,9 @@ def summarize(records: list[dict]) -> list[dict]:
     """One summary row per (task, optimizer), over seeds, in the keys of :data:`SUMMARY_KEYS`.
 
     Means and (population) standard deviations are over the seeds' final epochs; diverged runs
-    are counted and left out of the means. ``time_to_target`` is over the seeds that reached
-    the target; ``step_time_ms_median`` is the median of the epochs' median step times.
+    are counted and left out of the means (wall time included). ``time_to_target`` is over
+    the seeds that reached the target; ``step_time_ms_median`` is the median of the epochs'
+    median step times.
     """
     runs: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -66,7 +67,8 @@ def summarize(records: list[dict]) -> list[dict]:
             time_to_target_s_median=statistics.median(ttt) if ttt else None,
             seeds_reaching_target=len(ttt),
             step_time_ms_median=statistics.median(steps) if steps else None,
-            wall_time_s_mean=statistics.fmean(r["wall_time_s"] for r in finals),
+            wall_time_s_mean=_mean_std([r["wall_time_s"] for r in finals
+                                        if not r["diverged"]])[0],
             diverged_runs=sum(r["diverged"] for r in finals),
         ))
     return rows
@@ -80,7 +82,7 @@ def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table, one line per (task, optimizer)."""
     head = ("| task | optimizer | seeds | epochs | final train loss | final test metric | "
             "target | seeds at target | time to target (s, median) | step (ms, median) | "
-            "wall (s, mean) |")
+            "wall (s, mean) | diverged |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -90,7 +92,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{_fmt(r['final_test_metric_std'], 2)} | {r['target']} | "
             f"{r['seeds_reaching_target']}/{len(r['seeds'])} | "
             f"{_fmt(r['time_to_target_s_median'])} | {_fmt(r['step_time_ms_median'], 3)} | "
-            f"{_fmt(r['wall_time_s_mean'])} |")
+            f"{_fmt(r['wall_time_s_mean'])} | {r['diverged_runs']} |")
     return "\n".join(lines) + "\n"
 
 
