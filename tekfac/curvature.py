@@ -51,6 +51,13 @@ class LayerState:
 STATE_KEYS = tuple(f.name for f in dataclasses.fields(LayerState))
 
 
+def state_shapes(d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every :class:`LayerState` field of a ``(d_out, d_in)`` layer."""
+    return {"factor_in": (d_in, d_in), "factor_out": (d_out, d_out), "scale": (),
+            "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
+            "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
+
+
 class Curvature:
     """The curvature approximation of one layer, as the optimizer currently applies it.
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tekfac.capture import Capture, LayerBatch
 from tekfac.config import CurvatureConfig
-from tekfac.curvature import STATE_KEYS, Curvature, LayerState
+from tekfac.curvature import STATE_KEYS, Curvature, LayerState, state_shapes
 from tekfac.distributed import Communicator
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import sample_targets, sampled_loss
@@ -402,14 +402,8 @@ class Preconditioner:
     def _owned_bases(self) -> list[dict[str, Tensor]]:
         """Every layer's basis fields, broadcast from its owner (empty if it has none)."""
         keys = ("basis_in", "basis_out", "eig_in", "eig_out", "basis_scale", "scaling")
-        shapes = {"basis_in": lambda la: (la.d_in, la.d_in),
-                  "basis_out": lambda la: (la.d_out, la.d_out), "eig_in": lambda la: (la.d_in,),
-                  "eig_out": lambda la: (la.d_out,), "basis_scale": lambda la: (),
-                  "scaling": lambda la: (la.d_out, la.d_in)}
-        templates = [[torch.full(shapes[k](la), float("nan"), dtype=la.module.weight.dtype
-                                 if self.config.factor_dtype is None else self.config.factor_dtype,
-                                 device=la.module.weight.device) for k in keys]
-                     for la in self.layers]
+        templates = [[self._zeros(la, *state_shapes(la.d_in, la.d_out)[k]).fill_(float("nan"))
+                      for k in keys] for la in self.layers]
 
         def held(i: int) -> list[Tensor]:
             state = self.states[self.layers[i]]
@@ -453,11 +447,7 @@ class Preconditioner:
 
 
 def _check_shapes(layer: KroneckerLayer, state: LayerState) -> None:
-    i, o = layer.d_in, layer.d_out
-    expected = {"factor_in": (i, i), "factor_out": (o, o), "scale": (), "basis_in": (i, i),
-                "basis_out": (o, o), "eig_in": (i,), "eig_out": (o,), "basis_scale": (),
-                "scaling": (o, i)}
-    for key, shape in expected.items():
+    for key, shape in state_shapes(layer.d_in, layer.d_out).items():
         value = getattr(state, key)
         if value is not None and tuple(value.shape) != shape:
             raise ValueError(f"state_dict does not match layer {layer.name!r}: {key} has shape "
