@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-FACTOR_KINDS = ("kronecker", "trace_restricted")
+from tekfac.factors import FACTOR_KINDS as _FACTOR_KINDS
+
+FACTOR_KINDS = tuple(_FACTOR_KINDS)  # one source: the kinds tekfac.factors implements
 SCALING_KINDS = ("kronecker", "corrected")
 DAMPING_TYPES = ("eigenvalue", "pi", "trace_relative")
 FISHER_TYPES = ("mc", "empirical")

@@ -117,14 +117,18 @@ def _owner_mode(rank, world, tmp):
         train(net, opt, data, mc=False)
         references[method] = net
     _init(rank, world, tmp)
-    for method, ref_net in references.items():
+    def build(method):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
         ddp = nn.parallel.DistributedDataParallel(net)
-        opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical",
-                                        distributed_mode="owner", **FAST)
+        return net, ddp, tekfac.KroneckerOptimizer(ddp, method, fisher="empirical",
+                                                   distributed_mode="owner", **FAST)
+
+    for method, ref_net in references.items():
+        net, ddp, opt = build(method)
         train(ddp, opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
-        state = copy.deepcopy(opt.state_dict())  # a collective in owner mode: bases from owners
+        saved = (copy.deepcopy(net.state_dict()),
+                 copy.deepcopy(opt.state_dict()))  # a collective in owner mode
         train(ddp, opt, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
         for p, q in zip(net.parameters(), ref_net.parameters()):
             assert (p - q).norm() <= 1e-10 * q.norm(), method
@@ -136,21 +140,11 @@ def _owner_mode(rank, world, tmp):
         if others:
             with pytest.raises(RuntimeError, match="held by rank"):
                 opt.curvature(others[0].module)
-        assert all("basis_in" in entry for entry in state["curvature"]["layers"].values())
+        assert all("basis_in" in entry for entry in saved[1]["curvature"]["layers"].values())
         # resume from the gathered state: the same parameters as without the interruption
-        torch.manual_seed(0)
-        net2, _ = tiny_net("cnn")
-        ddp2 = nn.parallel.DistributedDataParallel(net2)
-        opt2 = tekfac.KroneckerOptimizer(ddp2, method, fisher="empirical",
-                                         distributed_mode="owner", **FAST)
-        torch.manual_seed(0)
-        replay, _ = tiny_net("cnn")
-        replay_ddp = nn.parallel.DistributedDataParallel(replay)
-        replay_opt = tekfac.KroneckerOptimizer(replay_ddp, method, fisher="empirical",
-                                               distributed_mode="owner", **FAST)
-        train(replay_ddp, replay_opt, [(x[shard], y[shard]) for x, y in data[:3]], mc=False)
-        net2.load_state_dict(replay.state_dict())
-        opt2.load_state_dict(state)
+        net2, ddp2, opt2 = build(method)
+        net2.load_state_dict(saved[0])
+        opt2.load_state_dict(saved[1])
         train(ddp2, opt2, [(x[shard], y[shard]) for x, y in data[3:]], mc=False)
         for p, q in zip(net.parameters(), net2.parameters()):
             assert torch.equal(p, q), method
