@@ -84,12 +84,13 @@ class Capture:
     def has_inputs(self) -> bool:
         return any(self.calls.values())
 
-    def batch(self, layer: KroneckerLayer) -> LayerBatch | None:
+    def batch(self, layer: KroneckerLayer, forwards: set[int] | None = None
+              ) -> LayerBatch | None:
         """This step's calls of ``layer`` that received an output gradient, grouped by forward
-        (see the module docstring); ``None`` if none did."""
+        (see the module docstring), only those of ``forwards`` if given; ``None`` if none."""
         groups: dict[int, list[Call]] = {}
         for call in self.calls.get(layer, ()):
-            if call.grad is not None:
+            if call.grad is not None and (forwards is None or call.forward in forwards):
                 groups.setdefault(call.forward, []).append(call)
         for group in groups.values():
             sizes = [c.inputs.shape[0] if c.inputs.dim() > 1 else 1 for c in group]

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...)")
     bench.add_argument("--out", type=Path, default=None,
                        help="output folder (default results/<timestamp>)")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue the run in --out: keep its finished (task, optimizer, "
+                       "seed) runs and train the others (the settings must be the same)")
     bench.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     bench.add_argument("--nproc", type=int, default=1,
                        help="data-parallel processes on this machine (gloo on CPU, NCCL on "
@@ -85,6 +88,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but no CUDA GPU is available")
+    if args.command == "bench":
+        out = args.out
+        if args.resume and (out is None or not (out / "runs.jsonl").is_file()):
+            parser.error(f"--resume needs --out with the runs.jsonl of an earlier run; "
+                         f"{out} has none")
+        if not args.resume and out is not None and (out / "runs.jsonl").exists():
+            parser.error(f"--out {str(out)!r} already holds results; pass --resume to continue "
+                         "that run, or choose another folder")
 
 
 def _bench(args: argparse.Namespace, command: str) -> None:
@@ -103,37 +114,62 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, args.data_dir) for t in tasks}
     hparams = {t: load_hparams(t) for t in tasks}
     world = dist.get_world_size() if dist.is_initialized() else 1
+    settings = dict(tasks=tasks, optimizers=args.optimizers, seeds=list(seeds), epochs=epochs,
+                    batch_size=args.batch_size, train_size=args.train_size,
+                    hparams={t: {"values": h, "source": s} for t, (h, s) in hparams.items()})
+    config = dict(command=command, **settings, device=args.device, processes=world,
+                  machine=dict(platform=platform.platform(), processor=platform.machine(),
+                               cpus=os.cpu_count(), torch=torch.__version__,
+                               threads=torch.get_num_threads()))
+    records = _resumed(out, settings, epochs, config) if args.resume and rank == 0 else []
+    done = {(r["task"], r["optimizer"], r["seed"]) for r in records}
+    if dist.is_initialized():  # every rank skips the same runs
+        shared = [sorted(done)]
+        dist.broadcast_object_list(shared, src=0)
+        done = {tuple(key) for key in shared[0]}
     if rank > 0:  # the other ranks train; rank 0 records and reports
         for task_name in tasks:
-            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, None)
+            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, None, done)
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dict(
-        command=command, tasks=tasks, optimizers=args.optimizers, seeds=list(seeds),
-        epochs=epochs, batch_size=args.batch_size, train_size=args.train_size,
-        device=args.device, processes=world, hparams={t: {"values": h, "source": s} for t, (h, s) in
-                                     hparams.items()},
-        machine=dict(platform=platform.platform(), processor=platform.machine(),
-                     cpus=os.cpu_count(), torch=torch.__version__,
-                     threads=torch.get_num_threads()),
-    ), indent=2) + "\n")
-    records = []
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     with (out / "runs.jsonl").open("w") as log:
         def emit(record: dict) -> None:
             records.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+        for record in list(records):  # the kept runs of an earlier invocation
+            log.write(json.dumps(record) + "\n")
         start = time.perf_counter()
         for task_name in tasks:
-            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, emit)
+            _run_task(args, TASKS[task_name], datasets, hparams, seeds, epochs, emit, done)
     write_summary(records, out)
     plot(records, out)
     print(markdown_table(json.loads((out / "summary.json").read_text())))
     print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
 
 
-def _run_task(args, task, datasets, hparams, seeds, epochs, emit) -> None:
+def _resumed(out: Path, settings: dict, epochs: int, config: dict) -> list[dict]:
+    """The records of the finished runs in ``out`` (those with every epoch); refuses settings
+    that differ from the earlier invocation's. Adds the earlier commands to ``config``."""
+    earlier = json.loads((out / "config.json").read_text())
+    changed = [k for k, v in settings.items() if earlier.get(k) != json.loads(json.dumps(v))]
+    if changed:
+        raise SystemExit(f"tekfac: cannot resume {out}: {', '.join(changed)} differ from the "
+                         "earlier run's config.json; rerun with its settings or use a new --out")
+    config["resumed_by"] = [*earlier.get("resumed_by", []), config["command"]]
+    config["command"] = earlier["command"]
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
+               if line.strip()]
+    epochs_seen: dict[tuple, set[int]] = {}
+    for r in records:
+        epochs_seen.setdefault((r["task"], r["optimizer"], r["seed"]), set()).add(r["epoch"])
+    finished = {key for key, seen in epochs_seen.items() if seen >= set(range(epochs + 1))}
+    return [r for r in records if (r["task"], r["optimizer"], r["seed"]) in finished]
+
+
+def _run_task(args, task, datasets, hparams, seeds, epochs, emit, done=frozenset()) -> None:
     from tekfac.bench.runner import Split, run
 
     data = datasets[task.dataset]
@@ -141,6 +177,8 @@ def _run_task(args, task, datasets, hparams, seeds, epochs, emit) -> None:
     split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
     for optimizer in args.optimizers:
         for seed in seeds:
+            if (task.name, optimizer, seed) in done:
+                continue
             run(task, split, optimizer, hparams[task.name][0][optimizer], seed, epochs,
                 args.batch_size, args.device, args.quiet, emit)
 

@@ -4,12 +4,13 @@ Everything goes through one :class:`Communicator`. Without an initialised proces
 with one rank) it is a no-op: averages return their input and every eigendecomposition is
 local. With several ranks (gloo on CPU, NCCL on GPU):
 
-* :meth:`Communicator.weighted_mean` all-reduces the statistics of every layer, weighted by
-  each rank's number of examples, so that every rank holds the statistics of the global batch.
-  Tensors are packed into buckets of at most :data:`BUCKET_ELEMENTS` elements, and each
-  bucket's all-reduce is launched asynchronously as soon as it is packed; all are awaited
-  together. (The statistics are computed after the backward pass, so the reduction does not
-  overlap it.)
+* :meth:`Communicator.weighted_mean_async` all-reduces the statistics of every layer,
+  weighted by each rank's number of examples, so that every rank holds the statistics of the
+  global batch. Tensors are packed into buckets of at most :data:`BUCKET_ELEMENTS` elements,
+  and each bucket's all-reduce is launched asynchronously as soon as it is packed; the
+  returned :class:`PendingMean` awaits them all. The preconditioner launches the reduction of
+  the MC statistics right after the sampled backward and waits for it in ``step()``, so it
+  overlaps the user's backward pass (and DDP's gradient all-reduce).
 * :meth:`Communicator.assign` splits work greedily by cost, largest first (each item goes to
   the rank with the least work so far), and :meth:`Communicator.share` broadcasts each owner's
   results to every rank, one packed broadcast per owner.
@@ -49,43 +50,29 @@ class Communicator:
     # ------------------------------------------------------------------ statistics
     def weighted_mean(self, items: Sequence[tuple[list[Tensor], float]]
                       ) -> list[tuple[list[Tensor], float]]:
-        """Global weighted means: for item ``k`` with local tensors ``t_k`` and weight
-        ``w_k`` (this rank's example count), return ``(Σ_r w_k^r t_k^r / W_k, W_k)`` with
-        ``W_k = Σ_r w_k^r``. Every rank must pass items of the same shapes in the same order
-        (zeros with weight 0 where it has none). Tensors of a zero total are returned as zeros.
+        """:meth:`weighted_mean_async`, awaited."""
+        return self.weighted_mean_async(items).wait()
+
+    def weighted_mean_async(self, items: Sequence[tuple[list[Tensor], float]]) -> PendingMean:
+        """Launch the global weighted means: for item ``k`` with local tensors ``t_k`` and
+        weight ``w_k`` (this rank's example count), ``PendingMean.wait()`` returns
+        ``(Σ_r w_k^r t_k^r / W_k, W_k)`` with ``W_k = Σ_r w_k^r``. Every rank must pass items
+        of the same shapes in the same order (zeros with weight 0 where it has none). Tensors
+        of a zero total are returned as zeros. Without a group the items are returned as is.
         """
         if not self.active:
-            return [(tensors, weight) for tensors, weight in items]
+            return PendingMean(self, [(list(tensors), weight) for tensors, weight in items])
         flat = [(t * weight).reshape(-1) for tensors, weight in items for t in tensors]
-        weights = torch.tensor([w for _, w in items], dtype=torch.float64,
-                               device=flat[0].device if flat else None)
-        reduced = self._all_reduce_buckets([*flat, weights])
-        totals = reduced[-1].tolist()
-        out, pos = [], 0
-        for (tensors, _), total in zip(items, totals):
-            scale = 1.0 / total if total > 0 else 0.0
-            out.append(([reduced[pos + i].reshape(t.shape) * scale
-                         for i, t in enumerate(tensors)], total))
-            pos += len(tensors)
-        return out
-
-    def _all_reduce_buckets(self, flat: list[Tensor]) -> list[Tensor]:
-        """Sum 1-d tensors over ranks, packed by dtype into buckets, asynchronously."""
-        result: list[Tensor | None] = [None] * len(flat)
-        pending = []
+        flat.append(torch.tensor([w for _, w in items], dtype=torch.float64,
+                                 device=flat[0].device if flat else None))
+        works = []
         for bucket in _buckets(flat):
             packed = torch.cat([flat[i] for i in bucket])
             self.bytes_sent += packed.numel() * packed.element_size()
-            pending.append((bucket, packed, self._call(dist.all_reduce, packed,
-                                                       group=self.group, async_op=True)))
-        for bucket, packed, work in pending:
-            self._call(work.wait)
-            pos = 0
-            for i in bucket:
-                n = flat[i].numel()
-                result[i] = packed[pos:pos + n]
-                pos += n
-        return result  # type: ignore[return-value]
+            works.append((bucket, packed, self._call(dist.all_reduce, packed,
+                                                     group=self.group, async_op=True)))
+        return PendingMean(self, [([t.shape for t in tensors], 0.0) for tensors, _ in items],
+                           works, [t.numel() for t in flat])
 
     # ------------------------------------------------------------------ work split
     def assign(self, costs: Sequence[float]) -> list[int]:
@@ -137,6 +124,34 @@ class Communicator:
             raise RuntimeError(
                 f"tekfac: a collective on rank {self.rank} of {self.size} failed; another rank "
                 f"probably crashed or left the process group ({e})") from e
+
+
+class PendingMean:
+    """The result of :meth:`Communicator.weighted_mean_async`, possibly still in flight."""
+
+    def __init__(self, comm: Communicator, items: list[tuple[list, float]],
+                 works: list | None = None, sizes: list[int] | None = None):
+        self._comm, self._items, self._works, self._sizes = comm, items, works, sizes
+
+    def wait(self) -> list[tuple[list[Tensor], float]]:
+        """Block until the reduction is done; ``[(means, total weight)]`` per item."""
+        if self._works is None:
+            return self._items
+        flat: list[Tensor] = [None] * len(self._sizes)  # type: ignore[list-item]
+        for bucket, packed, work in self._works:
+            self._comm._call(work.wait)
+            pos = 0
+            for i in bucket:
+                flat[i] = packed[pos:pos + self._sizes[i]]
+                pos += self._sizes[i]
+        out, pos = [], 0
+        for (shapes, _), total in zip(self._items, flat[-1].tolist()):
+            scale = 1.0 / total if total > 0 else 0.0
+            out.append(([flat[pos + i].reshape(shape) * scale for i, shape in enumerate(shapes)],
+                        total))
+            pos += len(shapes)
+        self._items, self._works = out, None
+        return out
 
 
 def _buckets(flat: list[Tensor]) -> list[list[int]]:

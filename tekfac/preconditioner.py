@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tekfac.capture import Capture, LayerBatch
 from tekfac.config import CurvatureConfig
 from tekfac.curvature import STATE_KEYS, Curvature, LayerState, state_shapes
-from tekfac.distributed import Communicator
+from tekfac.distributed import Communicator, PendingMean
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import sample_targets, sampled_loss
 from tekfac.layers import KroneckerLayer, is_supported
@@ -122,6 +122,9 @@ class Preconditioner:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._micro_batches = 0
         self._sampled = False
+        #: 'factors'/'corrected' → the reductions launched by this step's backward calls
+        self._in_flight: dict[str, list[tuple[list[KroneckerLayer], PendingMean]]] = {
+            "factors": [], "corrected": []}
         self._warned: set[str] = set()
         self.capture.recording = self.statistics_due
 
@@ -145,10 +148,15 @@ class Preconditioner:
         predictions that ``loss`` was computed from (logits for the classification losses).
         For gradient accumulation call it once per micro-batch, with each micro-batch's loss
         divided by the number of micro-batches (so that the sum is the full-batch mean).
+
+        The statistics of the micro-batch that do not depend on this step's basis refresh
+        (the factors, and the corrected scaling when the basis stays) are computed between
+        the two backward passes and their cross-rank reduction is launched there, so that it
+        overlaps ``loss.backward()``; :meth:`update_curvature` waits for it.
         """
-        pending = self.capture.pending_outputs() if self.config.fisher == "mc" else []
+        c = self.config
+        pending = self.capture.pending_outputs() if c.fisher == "mc" else []
         if pending:
-            c = self.config
             targets = sample_targets(c.loss, outputs, self._rng(outputs.device))
             sampled = sampled_loss(c.loss, outputs, targets, c.reduction) * self._loss_scale()
             if c.reduction == "mean":  # per-example gradients of this micro-batch
@@ -158,6 +166,14 @@ class Preconditioner:
             for call, grad in zip(pending, grads):
                 call.output, call.grad = None, None if grad is None else grad.detach()
             self._sampled = True
+        if self.config.fisher == "mc" and self.statistics_due:
+            forwards = {call.forward for call in pending}
+            micro = {la: b for la in self.layers
+                     if (b := self.capture.batch(la, forwards)) is not None}
+            if self._due(c.cov_update_freq):
+                self._launch("factors", micro)
+            if c.scaling == "corrected" and self._due(c.scale_update_freq) and self._basis_kept():
+                self._launch("corrected", micro)
         loss.backward()
 
     def step(self) -> None:
@@ -192,16 +208,16 @@ class Preconditioner:
         if self.statistics_due:
             batch = self._collect()
             if self._due(c.cov_update_freq):
-                skipped = self._update_factors(batch)
+                skipped = self._update_factors(self._reduced("factors", batch))
         refresh = [la for la in self.layers if la not in skipped and self._mine(la)
                    and self.states[la].factor_in is not None
                    and (self._due(c.eigen_update_freq) or self.states[la].basis_in is None)]
         if refresh:
             self._update_bases(refresh)
         if c.scaling == "corrected" and self._due(c.scale_update_freq):
-            self._update_corrected(batch, skipped)
+            self._update_corrected(self._reduced("corrected", batch), skipped)
         self.steps += 1
-        self.capture.clear()
+        self._clear()
         self.capture.recording = self.statistics_due
         self._sampled = False
         self._micro_batches = 0
@@ -258,28 +274,91 @@ class Preconditioner:
             total = part if total is None else [x + y for x, y in zip(total, part)]
         return total  # type: ignore[return-value]
 
-    def _update_factors(self, batch: dict[KroneckerLayer, LayerBatch]
-                        ) -> set[KroneckerLayer]:
-        """EMA of the (globally averaged) factors; returns the layers left unchanged."""
+    # ---------------------------------------------------------------- statistics, reduced
+    def _basis_kept(self) -> bool:
+        """Whether no layer's basis will be refreshed this step, so that the corrected scaling
+        can be estimated in the current bases before :meth:`update_curvature`."""
+        return not self._due(self.config.eigen_update_freq) and all(
+            self.states[la].basis_in is not None for la in self.layers)
+
+    def _launch(self, kind: str, batch: dict[KroneckerLayer, LayerBatch]) -> None:
+        """Compute the ``kind`` statistics of ``batch`` and launch their cross-rank mean."""
+        stats = self._factor_statistics(batch) if kind == "factors" \
+            else self._corrected_statistics(batch)
+        layers = list(stats)
+        self._in_flight[kind].append(
+            (layers, self.comm.weighted_mean_async([stats[la] for la in layers])))
+
+    def _reduced(self, kind: str, batch: dict[KroneckerLayer, LayerBatch]
+                 ) -> dict[KroneckerLayer, tuple[list[Tensor], float]]:
+        """Layer → (global mean of its ``kind`` statistics, global example count) for this
+        step: the reductions launched by :meth:`backward` (micro-batches combined by their
+        counts), or, if none was, those of ``batch`` computed and reduced now."""
+        if not self._in_flight[kind]:
+            self._launch(kind, batch)
+        parts = [dict(zip(layers, pending.wait())) for layers, pending in self._in_flight[kind]]
+        self._in_flight[kind].clear()
+        if len(parts) == 1:
+            return parts[0]
+        combined = {}
+        for layer in self.layers:
+            got = [part[layer] for part in parts if layer in part]
+            if not got:
+                continue
+            total = sum(weight for _, weight in got)
+            share = [weight / total if total else 0.0 for _, weight in got]
+            combined[layer] = ([sum(ts[i] * w for (ts, _), w in zip(got, share))
+                                for i in range(len(got[0][0]))], total)
+        return combined
+
+    def _factor_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
+                           ) -> dict[KroneckerLayer, tuple[list[Tensor], float]]:
+        """Layer → (batch-mean factor statistics, example count). In a process group every
+        layer is present (zeros of weight 0 where this rank has no examples), so that every
+        rank reduces the same tensors in the same order."""
         kind = FACTOR_KINDS[self.config.factors]
-        items = []
+        stats = {}
         for layer in self.layers:
             if layer in batch:
-                items.append((self._batch_mean(batch[layer], kind.batch),
-                              float(batch[layer].num_examples)))
-            elif self.comm.active:  # every rank reduces every layer, in the same order
+                stats[layer] = (self._batch_mean(batch[layer], kind.batch),
+                                float(batch[layer].num_examples))
+            elif self.comm.active:
                 d_in, d_out = layer.d_in, layer.d_out
-                items.append(([self._zeros(layer, d_in, d_in), self._zeros(layer, d_out, d_out),
-                               self._zeros(layer)], 0.0))
-        averaged = iter(self.comm.weighted_mean(items))
+                stats[layer] = ([self._zeros(layer, d_in, d_in), self._zeros(layer, d_out, d_out),
+                                 self._zeros(layer)], 0.0)
+        return stats
+
+    def _corrected_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
+                              ) -> dict[KroneckerLayer, tuple[list[Tensor], float]]:
+        """Layer → ([batch-mean corrected second moments in its current basis], count), for
+        the layers with a basis (every one of them in a process group, as above)."""
+        stats = {}
+        for layer in self.layers:
+            state = self.states[layer]
+            if state.basis_in is None:
+                continue
+            if layer in batch:
+                def estimate(a: Tensor, g: Tensor, s: LayerState = state) -> list[Tensor]:
+                    return [corrected_scaling(a, g, s.basis_in, s.basis_out)]
+
+                stats[layer] = (self._batch_mean(batch[layer], estimate),
+                                float(batch[layer].num_examples))
+            elif self.comm.active:
+                stats[layer] = ([self._zeros(layer, layer.d_out, layer.d_in)], 0.0)
+        return stats
+
+    def _update_factors(self, reduced: dict[KroneckerLayer, tuple[list[Tensor], float]]
+                        ) -> set[KroneckerLayer]:
+        """EMA of the globally averaged factors; returns the layers left unchanged."""
+        kind = FACTOR_KINDS[self.config.factors]
         skipped = set()
         for layer in self.layers:
-            if layer not in batch and not self.comm.active:
+            tensors, total = reduced.get(layer, (None, 0.0))
+            if total == 0:
                 skipped.add(layer)
                 continue
-            tensors, total = next(averaged)
             stats = kind.finalize(FactorStatistics(*tensors))
-            if total == 0 or not self._finite(layer, "statistics", *stats):
+            if not self._finite(layer, "statistics", *stats):
                 skipped.add(layer)
                 continue
             state = self.states[layer]
@@ -323,29 +402,23 @@ class Preconditioner:
             state.basis_in, state.basis_out = basis_in, basis_out
             state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
 
-    def _update_corrected(self, batch: dict[KroneckerLayer, LayerBatch],
+    def _update_corrected(self, reduced: dict[KroneckerLayer, tuple[list[Tensor], float]],
                           skipped: set[KroneckerLayer]) -> None:
-        """EMA of the (globally averaged) corrected second moments in the current basis."""
-        layers = [la for la in self.layers if la not in skipped
-                  and self.states[la].basis_in is not None
-                  and (la in batch or self.comm.active)]
-        items = []
-        for layer in layers:
+        """EMA of the globally averaged corrected second moments (layers whose factor update
+        was skipped keep their scaling)."""
+        for layer, ((estimate,), total) in reduced.items():
             state = self.states[layer]
-            if layer in batch:
-                def estimate(a: Tensor, g: Tensor, s: LayerState = state) -> list[Tensor]:
-                    return [corrected_scaling(a, g, s.basis_in, s.basis_out)]
-
-                items.append((self._batch_mean(batch[layer], estimate),
-                              float(batch[layer].num_examples)))
-            else:
-                items.append(([self._zeros(layer, layer.d_out, layer.d_in)], 0.0))
-        for layer, ((estimate,), total) in zip(layers, self.comm.weighted_mean(items)):
-            state = self.states[layer]
-            if total == 0 or not self._finite(layer, "corrected scaling", estimate):
+            if layer in skipped or total == 0 or not self._finite(
+                    layer, "corrected scaling", estimate):
                 continue
             state.scaling = estimate if state.scaling is None else self._ema(state.scaling,
                                                                               estimate)
+
+    def _clear(self) -> None:
+        """Forget this step's records and any reduction still in flight."""
+        self.capture.clear()
+        for pending in self._in_flight.values():
+            pending.clear()
 
     def _zeros(self, layer: KroneckerLayer, *shape: int) -> Tensor:
         weight = layer.module.weight
@@ -438,12 +511,13 @@ class Preconditioner:
             new_states[layer] = state
         self.steps, self.seed = int(state_dict["steps"]), int(state_dict["seed"])
         self.states = new_states
-        self.capture.clear()
+        self._clear()
         self.capture.recording = self.statistics_due
 
     def remove_hooks(self) -> None:
         """Detach from the model (no more statistics are recorded)."""
         self.capture.remove()
+        self._clear()
 
 
 def _check_shapes(layer: KroneckerLayer, state: LayerState) -> None:

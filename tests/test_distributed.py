@@ -69,14 +69,24 @@ def _data(world, steps=STEPS):
              torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(steps)]
 
 
-def _equal_to_reference(rank, world, tmp):
+def _argmax_labels(loss, outputs, generator):
+    """A deterministic stand-in for the MC label sampler (the real one draws different labels
+    on each rank by design), so that the MC statistics of the distributed run and of the
+    single-process reference are comparable."""
+    return outputs.detach().argmax(1)
+
+
+def _equal_to_reference(rank, world, tmp, fisher):
+    mc = fisher == "mc"
+    if mc:
+        tekfac.preconditioner.sample_targets = _argmax_labels
     data = _data(world)
     references = {}
     for method in tekfac.METHODS:  # single process on the concatenated batches, no group yet
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
-        opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
-        train(net, opt, data, mc=False)
+        opt = tekfac.KroneckerOptimizer(net, method, fisher=fisher, **FAST)
+        train(net, opt, data, mc=mc)
         references[method] = (net, opt)
     _init(rank, world, tmp)
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -84,8 +94,8 @@ def _equal_to_reference(rank, world, tmp):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
         ddp = nn.parallel.DistributedDataParallel(net)
-        opt = tekfac.KroneckerOptimizer(ddp, method, fisher="empirical", **FAST)
-        train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=False)
+        opt = tekfac.KroneckerOptimizer(ddp, method, fisher=fisher, **FAST)
+        train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=mc)
         # Kronecker scalings depend on the factors only; corrected ones also on the basis,
         # which roundoff (another summation order) rotates by ~ε/gap, hence the looser
         # tolerance. (With rank-deficient factors the basis of the null space is arbitrary
@@ -104,6 +114,28 @@ def _equal_to_reference(rank, world, tmp):
         assert sum(counts) == 12 and max(counts) < 12, counts
         assert ref_opt.preconditioner.eigendecompositions == 12
         assert opt.preconditioner.comm.bytes_sent > 0
+    if mc:
+        _reduction_overlaps_the_backward(data[0][0][shard], data[0][1][shard])
+
+
+def _reduction_overlaps_the_backward(x, y):
+    """On an MC statistics step the statistics all-reduce is launched before loss.backward()
+    reaches the model output: the bytes sent by then exceed those at the sampled pass."""
+    net, _ = tiny_net("cnn")
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = tekfac.TEKFAC(ddp, **FAST)
+    comm = opt.preconditioner.comm
+    for step in range(3):  # statistics steps 0 and 2; at 2 the corrected scaling goes early too
+        out = ddp(x)
+        sent = []
+        out.register_hook(lambda grad, sent=sent: sent.append(comm.bytes_sent))
+        opt.zero_grad()
+        opt.backward(F.cross_entropy(out, y), out)
+        opt.step()
+        if step % 2 == 0:  # [at the sampled backward, at loss.backward()]
+            assert len(sent) == 2 and sent[1] > sent[0], (step, sent)
+        else:
+            assert len(sent) == 1
 
 
 def _owner_mode(rank, world, tmp):
@@ -162,7 +194,11 @@ def test_owner_mode_is_refused_for_corrected_scaling():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_equals_the_single_process_reference(world, tmp_path):
-    launch(_equal_to_reference, world, tmp_path)
+    launch(_equal_to_reference, world, tmp_path, "empirical")
+
+
+def test_mc_statistics_are_reduced_during_the_backward_and_equal_the_reference(tmp_path):
+    launch(_equal_to_reference, 2, tmp_path, "mc")
 
 
 def _resume(rank, world, tmp):

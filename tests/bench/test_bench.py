@@ -136,6 +136,30 @@ def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
     assert "| digits-mlp | tekfac |" in capsys.readouterr().out
 
 
+def test_cli_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["bench", "--preset", "smoke", "--epochs", "1", "--seeds", "2", "--optimizers",
+            "sgd", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["epoch"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    records[1]["train_loss"] = 123.0  # marks the finished run: it must be kept, not rerun
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    with pytest.raises(SystemExit) as info:  # no silent overwrite
+        main(argv)
+    assert info.value.code == 2 and "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="epochs differ"):
+        main([*argv, "--resume", "--epochs", "2"])
+    assert main([*argv, "--resume"]) == 0
+    resumed = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["epoch"]) for r in resumed] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert resumed[1]["train_loss"] == 123.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"].endswith("--quiet") and len(config["resumed_by"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["seeds"] == [0, 1]
+
+
 def test_cli_data_parallel_run(tmp_path):
     """--nproc 2: two gloo ranks on CPU; rank 0 records the run."""
     out = tmp_path / "dp"
