@@ -6,8 +6,10 @@ Each configuration trains the task's model on synthetic inputs with a global bat
 (64 per rank with 2 processes) and reports the median over blocks of 10 steps (one statistics
 step each) of the block's mean step time, the tekfac statistics/eigenbasis bytes each rank put
 into collectives per step (``Communicator.bytes_sent``), and DDP's gradient all-reduce payload
-(the parameters' bytes, every step). Eigendecompositions run every 100 steps as by default, so
-``--steps`` ≥ 100 includes one refresh per 100 steps. Both process counts share this
+(the parameters' bytes, every step), and the time per step that rank 0 blocks waiting for
+the statistics all-reduces (``PendingMean.wait``; with the MC Fisher they are launched in
+``backward()`` and overlap ``loss.backward()``). Eigendecompositions run every 100 steps as
+by default, so ``--steps`` ≥ 100 includes one refresh per 100 steps. Both process counts share this
 machine's cores, so the 2-process time shows overhead, not speed-up, on a 2-core machine.
 """
 
@@ -26,14 +28,32 @@ from torch import nn
 
 from tekfac.bench.optimizers import backward, make_optimizer
 from tekfac.bench.tasks import TASKS
+from tekfac.distributed import PendingMean
 
 SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 CONFIGS = [("sgd", "replicated"), ("kfac", "replicated"), ("kfac", "owner"),
            ("tekfac", "replicated")]
 
 
+def timed_waits() -> list[float]:
+    """Record the seconds of every ``PendingMean.wait`` in the returned list."""
+    waits: list[float] = []
+    wait = PendingMean.wait
+
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            return wait(self)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    PendingMean.wait = timed
+    return waits
+
+
 def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    waits = timed_waits()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -55,6 +75,7 @@ def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) 
         for i in range(10 + steps):
             if i == 10 and comm is not None:
                 comm.bytes_sent = 0
+                waits.clear()
             start = time.perf_counter()
             outputs = net(task.inputs(x))
             loss = task.loss_fn(outputs, task.targets(x, y))
@@ -68,7 +89,9 @@ def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) 
         out[f"{optimizer}/{mode}"] = dict(
             step_ms=1e3 * statistics.median(blocks),
             tekfac_bytes_per_step=(comm.bytes_sent / steps) if comm is not None else 0.0,
-            ddp_bytes_per_step=grad_bytes if world > 1 else 0)
+            ddp_bytes_per_step=grad_bytes if world > 1 else 0,
+            wait_ms_per_step=1e3 * sum(waits) / steps)
+        waits.clear()
         if hasattr(opt, "preconditioner"):
             opt.preconditioner.remove_hooks()
     if rank == 0:
@@ -103,13 +126,13 @@ def main() -> None:
     print(f"{args.task}: global batch 128, {args.steps} measured steps, gloo on "
           f"{os.cpu_count()} CPU cores")
     print(f"{'optimizer/mode':>20} {'procs':>5} {'step ms':>9} {'tekfac kB/step':>15} "
-          f"{'DDP grads kB/step':>18}")
+          f"{'DDP grads kB/step':>18} {'stats wait ms':>14}")
     for name in results[1]:
         for world, rows in results.items():
             r = rows[name]
             print(f"{name:>20} {world:>5} {r['step_ms']:>9.1f} "
                   f"{r['tekfac_bytes_per_step'] / 1e3:>15.1f} "
-                  f"{r['ddp_bytes_per_step'] / 1e3:>18.1f}")
+                  f"{r['ddp_bytes_per_step'] / 1e3:>18.1f} {r['wait_ms_per_step']:>14.2f}")
 
 
 if __name__ == "__main__":
