@@ -120,7 +120,8 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     config = dict(command=command, **settings, device=args.device, processes=world,
                   machine=dict(platform=platform.platform(), processor=platform.machine(),
                                cpus=os.cpu_count(), torch=torch.__version__,
-                               threads=torch.get_num_threads()))
+                               threads=torch.get_num_threads(),
+                               flush_denormal=torch.device(args.device).type == "cpu"))
     records = _resumed(out, settings, epochs, config) if args.resume and rank == 0 else []
     done = {(r["task"], r["optimizer"], r["seed"]) for r in records}
     if dist.is_initialized():  # every rank skips the same runs
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         _init_distributed(args.device)
+    # Subnormal floats are ~100x slower on CPUs; they appear late in some runs (Adam on
+    # fmnist-cnn after ~5 epochs) and would distort the wall-clock comparison. Flushed to zero
+    # for every optimizer alike while the command runs.
+    flush = torch.device(args.device).type == "cpu" and torch.set_flush_denormal(True)
     try:
         if args.command == "bench":
             _bench(args, command)
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tekfac: {e}", file=sys.stderr)
         return 2
     finally:
+        if flush:
+            torch.set_flush_denormal(False)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

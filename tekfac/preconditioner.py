@@ -166,7 +166,7 @@ class Preconditioner:
             for call, grad in zip(pending, grads):
                 call.output, call.grad = None, None if grad is None else grad.detach()
             self._sampled = True
-        if self.config.fisher == "mc" and self.statistics_due:
+        if c.fisher == "mc" and self.statistics_due:
             forwards = {call.forward for call in pending}
             micro = {la: b for la in self.layers
                      if (b := self.capture.batch(la, forwards)) is not None}
