@@ -11,19 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-from tekfac.bench.report import markdown_table, plot, write_summary
+from tekfac.bench.report import finished_records, markdown_table, plot, write_summary
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = json.loads((run_dir / "config.json").read_text())
 lines = (run_dir / "runs.jsonl").read_text().splitlines()
 records = [json.loads(line) for line in lines if line.strip()]
-epochs = set(range(config["epochs"] + 1))
-seen = {}
-for r in records:
-    seen.setdefault((r["task"], r["optimizer"], r["seed"]), set()).add(r["epoch"])
-done = {k for k, v in seen.items() if v >= epochs}
-finished = [r for r in records if all((r["task"], o, s) in done
-                                      for o in config["optimizers"] for s in config["seeds"])]
+runs = finished_records(records, config["epochs"])
+done = {(r["task"], r["optimizer"], r["seed"]) for r in runs}
+finished = [r for r in runs if all((r["task"], o, s) in done
+                                   for o in config["optimizers"] for s in config["seeds"])]
 out.mkdir(parents=True, exist_ok=True)
 rows = write_summary(finished, out)
 plot(finished, out)

@@ -122,7 +122,7 @@ def _bench(args: argparse.Namespace, command: str) -> None:
                                cpus=os.cpu_count(), torch=torch.__version__,
                                threads=torch.get_num_threads(),
                                flush_denormal=torch.device(args.device).type == "cpu"))
-    records = _resumed(out, settings, epochs, config) if args.resume and rank == 0 else []
+    records = _resumed(out, settings, config) if args.resume and rank == 0 else []
     done = {(r["task"], r["optimizer"], r["seed"]) for r in records}
     if dist.is_initialized():  # every rank skips the same runs
         shared = [sorted(done)]
@@ -140,7 +140,7 @@ def _bench(args: argparse.Namespace, command: str) -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-        for record in list(records):  # the kept runs of an earlier invocation
+        for record in records:  # the kept runs of an earlier invocation
             log.write(json.dumps(record) + "\n")
         start = time.perf_counter()
         for task_name in tasks:
@@ -151,7 +151,7 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
 
 
-def _resumed(out: Path, settings: dict, epochs: int, config: dict) -> list[dict]:
+def _resumed(out: Path, settings: dict, config: dict) -> list[dict]:
     """The records of the finished runs in ``out`` (those with every epoch); refuses settings
     that differ from the earlier invocation's. Adds the earlier commands to ``config``."""
     earlier = json.loads((out / "config.json").read_text())
@@ -161,13 +161,11 @@ def _resumed(out: Path, settings: dict, epochs: int, config: dict) -> list[dict]
                          "earlier run's config.json; rerun with its settings or use a new --out")
     config["resumed_by"] = [*earlier.get("resumed_by", []), config["command"]]
     config["command"] = earlier["command"]
+    from tekfac.bench.report import finished_records
+
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
                if line.strip()]
-    epochs_seen: dict[tuple, set[int]] = {}
-    for r in records:
-        epochs_seen.setdefault((r["task"], r["optimizer"], r["seed"]), set()).add(r["epoch"])
-    finished = {key for key, seen in epochs_seen.items() if seen >= set(range(epochs + 1))}
-    return [r for r in records if (r["task"], r["optimizer"], r["seed"]) in finished]
+    return finished_records(records, settings["epochs"])
 
 
 def _run_task(args, task, datasets, hparams, seeds, epochs, emit, done=frozenset()) -> None:

@@ -48,11 +48,6 @@ class Communicator:
         self.bytes_sent = 0
 
     # ------------------------------------------------------------------ statistics
-    def weighted_mean(self, items: Sequence[tuple[list[Tensor], float]]
-                      ) -> list[tuple[list[Tensor], float]]:
-        """:meth:`weighted_mean_async`, awaited."""
-        return self.weighted_mean_async(items).wait()
-
     def weighted_mean_async(self, items: Sequence[tuple[list[Tensor], float]]) -> PendingMean:
         """Launch the global weighted means: for item ``k`` with local tensors ``t_k`` and
         weight ``w_k`` (this rank's example count), ``PendingMean.wait()`` returns

@@ -60,6 +60,13 @@ def train(model: nn.Module, opt, batches, mc: bool = True) -> None:
         opt.step()
 
 
+def argmax_labels(loss: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A deterministic stand-in for the MC label sampler ``tekfac.fisher.sample_targets``, so
+    that two runs that split the same examples differently (micro-batches, ranks, which draw
+    different labels by design) have comparable MC statistics."""
+    return outputs.detach().argmax(1)
+
+
 @pytest.fixture(params=list(METHODS))
 def method(request) -> str:
     return request.param

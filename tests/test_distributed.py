@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
-from tests.conftest import tiny_net, train
+from tests.conftest import argmax_labels, tiny_net, train
 
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
 STEPS = 5
@@ -69,17 +69,10 @@ def _data(world, steps=STEPS):
              torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(steps)]
 
 
-def _argmax_labels(loss, outputs, generator):
-    """A deterministic stand-in for the MC label sampler (the real one draws different labels
-    on each rank by design), so that the MC statistics of the distributed run and of the
-    single-process reference are comparable."""
-    return outputs.detach().argmax(1)
-
-
 def _equal_to_reference(rank, world, tmp, fisher):
     mc = fisher == "mc"
     if mc:
-        tekfac.preconditioner.sample_targets = _argmax_labels
+        tekfac.preconditioner.sample_targets = argmax_labels
     data = _data(world)
     references = {}
     for method in tekfac.METHODS:  # single process on the concatenated batches, no group yet
@@ -273,7 +266,7 @@ def test_a_crashed_rank_makes_the_others_fail_fast(tmp_path):
 def test_communicator_is_a_no_op_without_a_group():
     comm = tekfac.distributed.Communicator()
     t = [torch.ones(2)]
-    assert comm.weighted_mean([(t, 3.0)]) == [(t, 3.0)]
+    assert comm.weighted_mean_async([(t, 3.0)]).wait() == [(t, 3.0)]
     assert comm.assign([8.0, 1.0, 27.0]) == [0, 0, 0]
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import tekfac
 from tekfac import linalg
-from tests.conftest import batch, tiny_net, train
+from tests.conftest import argmax_labels, batch, tiny_net, train
 from tests.reference import layer_references
 
 EVERY = dict(cov_update_freq=1, eigen_update_freq=1, scale_update_freq=1)
@@ -197,8 +197,7 @@ def test_mc_accumulation_combines_the_micro_batch_statistics(method, monkeypatch
     (step 1: the basis of step 0 is kept). Deterministic labels make the two runs comparable;
     24 examples make the factors full rank, so that their eigenbases are unique and the
     corrected scalings agree up to the roundoff rotation ~ε/gap of the basis."""
-    monkeypatch.setattr(tekfac.preconditioner, "sample_targets",
-                        lambda loss, outputs, gen: outputs.detach().argmax(1))
+    monkeypatch.setattr(tekfac.preconditioner, "sample_targets", argmax_labels)
     net, shape = tiny_net("cnn")
     twin = copy.deepcopy(net)
     freqs = dict(cov_update_freq=1, eigen_update_freq=2, scale_update_freq=1)

@@ -25,6 +25,16 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def finished_records(records: list[dict], epochs: int) -> list[dict]:
+    """The records of the (task, optimizer, seed) runs that have every epoch ``0..epochs``
+    (an interrupted run has only its first ones)."""
+    seen: dict[tuple, set[int]] = defaultdict(set)
+    for r in records:
+        seen[r["task"], r["optimizer"], r["seed"]].add(r["epoch"])
+    wanted = set(range(epochs + 1))
+    return [r for r in records if seen[r["task"], r["optimizer"], r["seed"]] >= wanted]
+
+
 def time_to_target(records: list[dict], target: float, higher_is_better: bool) -> float | None:
     """Training seconds at the end of the first epoch whose test metric meets ``target``."""
     for r in sorted(records, key=lambda r: r["epoch"]):
