@@ -13,12 +13,14 @@ default update frequencies (statistics every 10 steps, eigendecompositions every
   the factor update), eigendecomposition, scaling update, preconditioning, parameter step;
 * ``floor_ratio``: the predicted ratio to SGD if every step did only the arithmetic the method
   cannot avoid — SGD's ``6·N·T·d_in·d_out`` FLOPs per layer plus rotating the gradient into and
-  out of the eigenbasis (``4·d_in·d_out·(d_in+d_out)``) and the amortised statistics,
-  eigendecomposition (``9·d³``) and scaling work (counted below, per layer);
+  out of the eigenbasis (``4·d_in·d_out·(d_in+d_out)``) and the amortised statistics (the input
+  factor by the cheaper of unfolding and spatial correlation), eigendecomposition (``9·d³``)
+  and scaling work (counted below, per layer);
 * ``peak_mb``: the peak memory increase of the training (RSS high-water mark of a forked child
   on CPU, ``max_memory_allocated`` on CUDA).
 
-All optimizers of a task are measured in the same run, so their ratios are comparable.
+All optimizers of a task are measured in the same run, so their ratios are comparable. On
+CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
 """
 
 from __future__ import annotations
@@ -78,14 +80,17 @@ class Timer:
             torch.cuda.synchronize()
 
 
-def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(T, d_in, d_out)`` of every Linear/Conv layer (``d_in`` with the bias column)."""
+def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(T, d_in, d_out, F_in)`` of every Linear/Conv layer: ``d_in`` with the bias column,
+    ``F_in`` the FLOPs per example of its input factor (by unfolding or, for a convolution
+    where cheaper, by spatial correlation: see :mod:`tekfac.patch_moments`)."""
     shapes, hooks = [], []
     for m in model.modules():
         if tekfac.layers.is_supported(m):
             def hook(mod, args, out, m=m):
                 t = out[0].numel() // out.shape[1] if out.dim() > 2 else 1
-                shapes.append((t, m.weight[0].numel() + (m.bias is not None), m.weight.shape[0]))
+                layer = tekfac.layers.KroneckerLayer("", m)
+                shapes.append((t, layer.d_in, layer.d_out, layer.input_moment_flops(args[0][:1])))
             hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         model(x)
@@ -94,16 +99,16 @@ def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]
     return shapes
 
 
-def floor_flops(method: str, shapes: list[tuple[int, int, int]], n: int = BATCH) -> float:
+def floor_flops(method: str, shapes: list[tuple[int, int, int, int]], n: int = BATCH) -> float:
     """FLOPs per step the method cannot avoid, amortised (see the module docstring)."""
     total = 0.0
-    for t, d_in, d_out in shapes:
+    for t, d_in, d_out, input_factor in shapes:
         rows = n * t
         total += 6 * rows * d_in * d_out  # SGD: forward, input and weight gradients
         if method not in SECOND_ORDER:
             continue
         total += 4 * d_in * d_out * (d_in + d_out)  # rotate into and out of the basis
-        stats = 2 * rows * (d_in**2 + d_out**2)  # the two factors
+        stats = n * input_factor + 2 * rows * d_out**2  # the two factors
         stats += 4 * rows * d_in * d_out  # the MC sampled backward (input gradients)
         if method in ("tkfac", "tekfac") and t > 1:  # δ: cheaper of Gram / per-example forms
             stats += 2 * n * min(t * t * (d_in + d_out), t * d_in * d_out)
@@ -217,6 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (20 if args.quick else 200)
     steps = max(COV, steps - steps % COV)
+    if args.device == "cpu":  # as `tekfac bench` does: float32 subnormals are slow on CPUs
+        torch.set_flush_denormal(True)
     report: dict[str, dict[str, dict]] = {}
     for task_name in args.tasks:
         rows = {optimizer: measure_isolated(task_name, optimizer, steps, args.device)
@@ -234,8 +241,9 @@ def main() -> None:
 
 
 def print_table(task: str, rows: dict[str, dict], steps: int, device: str) -> None:
+    flush = ", subnormals flushed" if device == "cpu" else ""
     print(f"\n{task}: batch {BATCH}, {steps} measured steps, {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads{flush}")
     head = ["optimizer", "step ms", "×SGD", "floor×", "meas/floor", "peak MB",
             *(p[:9] for p in PHASES)]
     print(" ".join(f"{h:>10}" for h in head))

@@ -115,7 +115,7 @@ class Capture:
 
 @dataclass(eq=False)
 class LayerBatch:
-    """The recorded examples of one layer in one step, turned into ``(a, g)`` chunk by chunk.
+    """The recorded examples of one layer in one step, grouped by model forward.
 
     Attributes:
         layer: the layer.
@@ -130,30 +130,58 @@ class LayerBatch:
         """``N``: the examples of all forwards (micro-batches) together."""
         return sum(_examples(group[0]) for group in self.groups)
 
-    def chunks(self, dtype: torch.dtype, grad_multiplier: float = 1.0
-               ) -> Iterator[tuple[Tensor, Tensor]]:
-        """``a (n, T, d_in)`` and ``g·grad_multiplier (n, T, d_out)`` for chunks of ``n``
-        examples, each ``a`` of at most about ``CHUNK_ELEMENTS`` elements, in ``dtype``.
-
-        Calls of one forward are concatenated along ``T``; patches are unfolded per chunk, so
-        the whole batch's patches never exist at once.
-        """
+    def examples(self, dtype: torch.dtype, grad_multiplier: float = 1.0) -> Iterator[Examples]:
+        """The examples of every forward, in ``dtype``, with ``g`` times ``grad_multiplier``;
+        calls of one forward are concatenated along ``T``."""
         layer = self.layer
         for group in self.groups:
-            n = _examples(group[0])
-            locations = sum(c.grad.numel() // (n * layer.d_out) for c in group)
-            step = max(1, factors.CHUNK_ELEMENTS // (locations * layer.d_in))
-            for start in range(0, n, step):
-                part = slice(start, start + step)
-                a = [layer.inputs(_rows(c.inputs, part).to(dtype)) for c in group]
-                g = [layer.output_gradients(_rows(c.grad, part).to(dtype)) for c in group]
-                yield torch.cat(a, dim=1), torch.cat(g, dim=1) * grad_multiplier
+            g = [layer.output_gradients(_batched(c.grad).to(dtype)) for c in group]
+            yield Examples(layer, [_batched(c.inputs).to(dtype) for c in group],
+                           torch.cat(g, dim=1) * grad_multiplier)
+
+
+@dataclass(eq=False)
+class Examples:
+    """The examples of one layer in one model forward, as the statistics need them.
+
+    Attributes:
+        layer: the layer.
+        inputs: the input of each of the forward's calls of the layer, each ``(n, ...)``.
+        g: the output gradients ``(n, T, d_out)``, the calls concatenated along ``T``.
+    """
+
+    layer: KroneckerLayer
+    inputs: list[Tensor]
+    g: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.g.shape[0]
+
+    def input_moment(self, weights: Tensor | None = None) -> Tensor:
+        """``Σ_i w_i A_i A_i^T``, shape ``(d_in, d_in)``, without materialising the patches
+        where that is cheaper (see :meth:`KroneckerLayer.input_moment`)."""
+        return sum(self.layer.input_moment(x, weights) for x in self.inputs)
+
+    def input_sq_norms(self) -> Tensor:
+        """``tr(A_i A_i^T)`` per example, shape ``(n,)``."""
+        return sum(self.layer.input_sq_norms(x) for x in self.inputs)
+
+    def pieces(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """``a (m, T, d_in)`` and ``g (m, T, d_out)`` for consecutive ranges of ``m``
+        examples, each ``a`` of at most about ``CHUNK_ELEMENTS`` elements: patches are
+        unfolded piece by piece, so the whole batch's patches never exist at once."""
+        step = max(1, factors.CHUNK_ELEMENTS // (self.g.shape[1] * self.layer.d_in))
+        for start in range(0, self.n, step):
+            part = slice(start, start + step)
+            yield torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1), \
+                self.g[part]
 
 
 def _examples(call: Call) -> int:
     return call.inputs.shape[0] if call.inputs.dim() > 1 else 1
 
 
-def _rows(t: Tensor, part: slice) -> Tensor:
-    """Examples ``part`` of a batched tensor; an unbatched (1-d) tensor is one example."""
-    return t[part] if t.dim() > 1 else t[None]
+def _batched(t: Tensor) -> Tensor:
+    """A batched tensor as is; an unbatched (1-d) tensor as a batch of one example."""
+    return t if t.dim() > 1 else t[None]

@@ -25,7 +25,8 @@ class LayerState:
     Attributes:
         factor_in: EMA of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
         factor_out: EMA of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
-        scale: EMA of ``δ`` (ones for KFAC), 0-dim.
+        scale: EMA of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling replaces
+            ``δ``), 0-dim.
         basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``.
         eig_in / eig_out: their eigenvalues, ``(d_in,)`` and ``(d_out,)``, clamped at 0.
         basis_scale: ``δ`` when the basis was computed, 0-dim.

@@ -1,7 +1,9 @@
 """The two factor kinds that give the Kronecker-factored eigenbasis (DESIGN.md §2(a)).
 
-Inputs are one batch of a layer: ``a`` of shape ``(N, T, d_in)`` and per-example output
-gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`). Each kind gives the
+Inputs are the examples of a layer in one forward (:class:`tekfac.capture.Examples`): their
+patches ``a`` of shape ``(N, T, d_in)`` (only ever unfolded piece by piece, or not at all) and
+per-example output gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`).
+Each kind gives the
 batch estimate of an input-side factor ``(d_in, d_in)``, an output-side factor
 ``(d_out, d_out)`` and a scalar scale ``δ`` such that its Kronecker approximation is
 ``F̂ = δ · out ⊗ in`` (``δ = 1`` for KFAC). Every statistic is a mean over examples, so the
@@ -11,10 +13,13 @@ estimates of several batches or ranks combine by a weighted average before ``fin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from tekfac.capture import Examples
 
 #: Largest number of elements of a layer's patches, or of per-example gradients, materialised
 #: at once.
@@ -30,19 +35,18 @@ class FactorStatistics(NamedTuple):
     scale: Tensor
 
 
-def kronecker_factors(a: Tensor, g: Tensor) -> FactorStatistics:
-    """KFAC / KFC factors.
+def kronecker_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics:
+    """KFAC / KFC factors (``with_scale`` has no effect: ``δ = 1``).
 
     .. math:: A = \\frac{1}{N T} \\sum_i A_i A_i^T, \\quad G = \\frac{1}{N} \\sum_i G_i G_i^T,
               \\quad δ = 1.
     """
-    n, t = a.shape[0], a.shape[1]
-    a2 = a.reshape(n * t, -1)
-    g2 = g.reshape(n * t, -1)
-    return FactorStatistics(a2.T @ a2 / (n * t), g2.T @ g2 / n, a.new_ones(()))
+    n, t = ex.g.shape[:2]
+    g2 = ex.g.reshape(n * t, -1)
+    return FactorStatistics(ex.input_moment() / (n * t), g2.T @ g2 / n, g2.new_ones(()))
 
 
-def trace_restricted_factors(a: Tensor, g: Tensor) -> FactorStatistics:
+def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics:
     r"""TKFAC factors (Gao et al. 2020) before normalisation (see :func:`unit_trace_factors`).
 
     With ``Λ_i = A_i A_i^T`` and ``Γ_i = G_i G_i^T``:
@@ -52,14 +56,17 @@ def trace_restricted_factors(a: Tensor, g: Tensor) -> FactorStatistics:
 
     so that, once ``Φ`` and ``Ψ`` have trace one, ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1``
     (Linear) ``δ = E[tr Λ_i tr Γ_i]``. The factors are returned as batch means so that batches
-    (or ranks) can be averaged before normalising.
+    (or ranks) can be averaged before normalising. ``with_scale=False`` returns ``δ = 1``
+    instead, skipping its per-example norms: TEKFAC's corrected scaling replaces ``δ``.
     """
-    n = a.shape[0]
-    tr_a = a.square().sum(dim=(1, 2))  # (N,) tr Λ_i
-    tr_g = g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
-    phi = _weighted_covariance(a, tr_g) / n
-    psi = _weighted_covariance(g, tr_a) / n
-    delta = per_example_sq_norms(a, g).sum() / n
+    n = ex.n
+    tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
+    tr_g = ex.g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
+    phi = ex.input_moment(tr_g) / n
+    psi = _weighted_covariance(ex.g, tr_a) / n
+    if not with_scale:
+        return FactorStatistics(phi, psi, phi.new_ones(()))
+    delta = sum(per_example_sq_norms(a, g).sum() for a, g in ex.pieces()) / n
     return FactorStatistics(phi, psi, delta)
 
 
@@ -108,10 +115,10 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:
 
 
 class FactorKind(NamedTuple):
-    """A factor kind: batch-mean statistics of ``(a, g)``, then a normalisation applied after
-    batches (or ranks) have been averaged."""
+    """A factor kind: batch-mean statistics of a forward's examples (and whether ``δ`` is
+    needed), then a normalisation applied after batches (or ranks) have been averaged."""
 
-    batch: Callable[[Tensor, Tensor], FactorStatistics]
+    batch: Callable[[Examples, bool], FactorStatistics]
     finalize: Callable[[FactorStatistics], FactorStatistics]
 
 

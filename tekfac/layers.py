@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tekfac import factors, patch_moments
+
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -95,6 +97,63 @@ class KroneckerLayer:
             a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
         return a
 
+    def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``Σ_i w_i A_i A_i^T`` of shape ``(d_in, d_in)`` for a batched input ``x`` (weights
+        ``(N,)``, default 1). A convolution takes the cheaper of unfolding its patches (in
+        chunks of at most :data:`tekfac.factors.CHUNK_ELEMENTS`) and the spatial correlation
+        of :mod:`tekfac.patch_moments`; both are exact."""
+        if not isinstance(self.module, nn.Linear):
+            padded, geo = _padded(self.module, x)
+            if patch_moments.correlation_is_cheaper(padded.shape[1], geo):
+                return self._correlated_moment(padded, geo, weights)
+        total = None
+        for part in self._parts(x):
+            a = self.inputs(x[part])
+            if weights is not None:
+                a = a * weights[part].sqrt()[:, None, None]
+            a = a.reshape(-1, a.shape[-1])
+            total = a.T @ a if total is None else total + a.T @ a
+        return total
+
+    def _correlated_moment(self, padded: Tensor, geo: patch_moments.Geometry,
+                           weights: Tensor | None) -> Tensor:
+        """:meth:`input_moment` of a convolution by spatial correlation, with the bias row
+        and column ``[Σ_i w_i Σ_t a_{i,t}, Σ_i w_i T]`` appended."""
+        moment = patch_moments.second_moment(padded, geo, weights)
+        if not self.has_bias:
+            return moment
+        sums = patch_moments.patch_sums(padded, geo, weights)
+        count = (weights.sum() if weights is not None
+                 else moment.new_tensor(float(padded.shape[0])))
+        corner = (count * (geo.out[0] * geo.out[1])).reshape(1, 1).to(moment.dtype)
+        return torch.cat([torch.cat([moment, sums[:, None]], dim=1),
+                          torch.cat([sums[None, :], corner], dim=1)])
+
+    def input_moment_flops(self, x: Tensor) -> int:
+        """FLOPs of :meth:`input_moment` on the batched input ``x`` (the path it takes)."""
+        if isinstance(self.module, nn.Linear):
+            a = self.inputs(x[:1])
+            return 2 * x.shape[0] * a.shape[1] * self.d_in ** 2
+        padded, geo = _padded(self.module, x[:1])
+        return x.shape[0] * min(patch_moments.moment_flops(padded.shape[1], geo))
+
+    def input_sq_norms(self, x: Tensor) -> Tensor:
+        """``tr(A_i A_i^T) = Σ_t ||a_{i,t}||²`` per example of a batched input; shape ``(N,)``."""
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return self.inputs(x).square().sum(dim=(1, 2))
+        padded, geo = _padded(m, x)
+        norms = patch_moments.patch_sq_norms(padded, geo)
+        return norms + self.has_bias * (geo.out[0] * geo.out[1])
+
+    def _parts(self, x: Tensor) -> list[slice]:
+        """Example ranges whose unfolded inputs have at most about ``CHUNK_ELEMENTS``
+        elements."""
+        n = x.shape[0]
+        per_example = max(1, self.inputs(x[:1]).numel())
+        step = max(1, factors.CHUNK_ELEMENTS // per_example)
+        return [slice(start, start + step) for start in range(0, n, step)]
+
     def output_gradients(self, gy: Tensor) -> Tensor:
         """Gradient w.r.t. the layer output to ``g`` of shape ``(N, T, d_out)``."""
         if isinstance(self.module, nn.Linear):
@@ -108,6 +167,17 @@ def _patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     """Unfolded input patches of a convolution, ``(N, T, C_in·prod(kernel))``.
 
     The column order matches ``weight.flatten(1)``; ``T`` is the number of output locations.
+    """
+    padded, geo = _padded(conv, x)
+    cols = F.unfold(padded, geo.kernel, dilation=geo.dilation, stride=geo.stride)
+    return cols.transpose(1, 2)
+
+
+def _padded(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, patch_moments.Geometry]:
+    """The input of a convolution with its padding applied explicitly, as ``(N, C, H, W)``
+    (a Conv1d input gets a height of 1), and the geometry of the 'valid' convolution that
+    the layer computes on it.
+
     Padding (numbers, ``'same'``, ``'valid'``, any ``padding_mode``) is applied explicitly so
     that the patches are exactly what the convolution multiplied.
     """
@@ -129,8 +199,9 @@ def _patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     if any(pads):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pads, mode=mode)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)
-    return cols.transpose(1, 2)
+    out = tuple((size - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+                for d, size in enumerate(x.shape[-2:]))
+    return x, patch_moments.Geometry(kernel, stride, dilation, out)
 
 
 def _pair(value: int | tuple[int, ...], one_d: bool, fill: int = 1) -> tuple[int, int]:

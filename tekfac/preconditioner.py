@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tekfac.capture import Capture, LayerBatch
+from tekfac.capture import Capture, Examples, LayerBatch
 from tekfac.config import CurvatureConfig
 from tekfac.curvature import STATE_KEYS, Curvature, LayerState, state_shapes
 from tekfac.distributed import Communicator, PendingMean
@@ -258,10 +258,10 @@ class Preconditioner:
         batches = {layer: cap.batch(layer) for layer in cap.calls}
         return {layer: b for layer, b in batches.items() if b is not None}
 
-    def _batch_mean(self, batch: LayerBatch, fn: Callable[[Tensor, Tensor], Sequence[Tensor]]
+    def _batch_mean(self, batch: LayerBatch, fn: Callable[[Examples], Sequence[Tensor]]
                     ) -> list[Tensor]:
-        """The batch mean of the per-chunk means ``fn(a, g)``, with ``g`` per example: the
-        user's batch-mean loss gradient times ``N`` (the MC pass is per example already),
+        """The batch mean of the per-forward means ``fn(examples)``, with ``g`` per example:
+        the user's batch-mean loss gradient times ``N`` (the MC pass is per example already),
         divided by the GradScaler's scale."""
         layer = batch.layer
         dtype = self.config.factor_dtype or layer.module.weight.dtype
@@ -269,8 +269,8 @@ class Preconditioner:
         per_example = n if self.config.fisher == "empirical" and self.config.reduction == "mean" \
             else 1
         total: list[Tensor] | None = None
-        for a, g in batch.chunks(dtype, per_example / self._loss_scale()):
-            part = [t * (a.shape[0] / n) for t in fn(a, g)]
+        for examples in batch.examples(dtype, per_example / self._loss_scale()):
+            part = [t * (examples.n / n) for t in fn(examples)]
             total = part if total is None else [x + y for x, y in zip(total, part)]
         return total  # type: ignore[return-value]
 
@@ -317,10 +317,15 @@ class Preconditioner:
         layer is present (zeros of weight 0 where this rank has no examples), so that every
         rank reduces the same tensors in the same order."""
         kind = FACTOR_KINDS[self.config.factors]
+        with_scale = self.config.scaling == "kronecker"  # a corrected scaling replaces δ
+
+        def statistics(ex: Examples) -> FactorStatistics:
+            return kind.batch(ex, with_scale)
+
         stats = {}
         for layer in self.layers:
             if layer in batch:
-                stats[layer] = (self._batch_mean(batch[layer], kind.batch),
+                stats[layer] = (self._batch_mean(batch[layer], statistics),
                                 float(batch[layer].num_examples))
             elif self.comm.active:
                 d_in, d_out = layer.d_in, layer.d_out
@@ -338,8 +343,9 @@ class Preconditioner:
             if state.basis_in is None:
                 continue
             if layer in batch:
-                def estimate(a: Tensor, g: Tensor, s: LayerState = state) -> list[Tensor]:
-                    return [corrected_scaling(a, g, s.basis_in, s.basis_out)]
+                def estimate(ex: Examples, s: LayerState = state) -> list[Tensor]:
+                    return [sum(corrected_scaling(a, g, s.basis_in, s.basis_out) * (len(a) / ex.n)
+                                for a, g in ex.pieces())]
 
                 stats[layer] = (self._batch_mean(batch[layer], estimate),
                                 float(batch[layer].num_examples))

@@ -84,6 +84,23 @@ def test_corrected_scaling_is_diagonal_of_fisher_in_basis(kind, method_):
                                    **TOL)
 
 
+@pytest.mark.parametrize("kind", NETS)
+def test_tekfac_skips_delta_which_its_corrected_scaling_replaces(kind, monkeypatch):
+    """δ only scales TKFAC's Kronecker eigenvalues; TEKFAC re-fits them, so it never computes
+    the per-example norms δ needs (and keeps ``scale = 1``), while TKFAC's δ is ``tr F``."""
+    calls = []
+    norms = tekfac.factors.per_example_sq_norms
+    monkeypatch.setattr(tekfac.factors, "per_example_sq_norms",
+                        lambda a, g: calls.append(1) or norms(a, g))
+    pre, refs = fitted(kind, "tekfac")
+    assert not calls
+    assert all(float(pre.states[la].scale) == 1.0 for la in pre.layers)
+    pre, refs = fitted(kind, "tkfac")
+    assert calls
+    for layer, ref in zip(pre.layers, refs.values()):
+        torch.testing.assert_close(pre.states[layer].scale, ref.fisher.trace(), **TOL)
+
+
 def test_single_example_is_exact(method):
     pre, refs = fitted("mlp", method, n=1)
     for module, ref in refs.items():

@@ -231,8 +231,8 @@ def test_mc_accumulation_counts_every_micro_batch():
         opt.backward(F.cross_entropy(out, y[sl]) / 3, out)
     collected = opt.preconditioner._collect()
     assert [b.num_examples for b in collected.values()] == [12, 12]
-    chunks = list(collected[opt.preconditioner.layers[0]].chunks(torch.float64))
-    assert [(a.shape, g.shape) for a, g in chunks] == [((4, 1, 6), (4, 1, 4))] * 3
+    examples = collected[opt.preconditioner.layers[0]].examples(torch.float64)
+    assert [(ex.inputs[0].shape, ex.g.shape) for ex in examples] == [((4, 5), (4, 1, 4))] * 3
     opt.step()
 
 
