@@ -102,10 +102,9 @@ class KroneckerLayer:
         ``(N,)``, default 1). A convolution takes the cheaper of unfolding its patches (in
         chunks of at most :data:`tekfac.factors.CHUNK_ELEMENTS`) and the spatial correlation
         of :mod:`tekfac.patch_moments`; both are exact."""
-        if not isinstance(self.module, nn.Linear):
-            padded, geo = _padded(self.module, x)
-            if patch_moments.correlation_is_cheaper(padded.shape[1], geo):
-                return self._correlated_moment(padded, geo, weights)
+        if not isinstance(self.module, nn.Linear) and patch_moments.correlation_is_cheaper(
+                x.shape[1], _padded(self.module, x[:1])[1]):
+            return self._correlated_moment(*_padded(self.module, x), weights)
         total = None
         for part in self._parts(x):
             a = self.inputs(x[part])
@@ -134,8 +133,8 @@ class KroneckerLayer:
         if isinstance(self.module, nn.Linear):
             a = self.inputs(x[:1])
             return 2 * x.shape[0] * a.shape[1] * self.d_in ** 2
-        padded, geo = _padded(self.module, x[:1])
-        return x.shape[0] * min(patch_moments.moment_flops(padded.shape[1], geo))
+        return x.shape[0] * min(patch_moments.moment_flops(x.shape[1],
+                                                           _padded(self.module, x[:1])[1]))
 
     def input_sq_norms(self, x: Tensor) -> Tensor:
         """``tr(A_i A_i^T) = Σ_t ||a_{i,t}||²`` per example of a batched input; shape ``(N,)``."""
