@@ -263,6 +263,23 @@ def test_a_crashed_rank_makes_the_others_fail_fast(tmp_path):
     assert "another rank probably crashed" in message
 
 
+def _ddp_wrapped(rank, world, tmp):
+    _init(rank, world, tmp)
+    net, shape = tiny_net("mlp")
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = tekfac.KFAC(ddp, fisher="empirical")
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    F.cross_entropy(ddp(x), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    assert [la.name for la in opt.preconditioner.layers] == ["0", "2"]
+    assert opt.curvature(net[0]).dense().shape == (24, 24)
+
+
+def test_ddp_wrapped_model_is_unwrapped(tmp_path):
+    """In a spawned process: gloo in the pytest process itself hung intermittently here."""
+    launch(_ddp_wrapped, 1, tmp_path)
+
+
 def test_communicator_is_a_no_op_without_a_group():
     comm = tekfac.distributed.Communicator()
     t = [torch.ones(2)]

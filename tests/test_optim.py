@@ -338,20 +338,3 @@ def test_preconditioner_pairs_with_any_torch_optimizer():
         expected = pre.curvature(la.module).precondition(raw[la])
         torch.testing.assert_close(la.gradient_matrix(), expected)
     adam.step()
-
-
-def test_ddp_wrapped_model_is_unwrapped(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        net, shape = tiny_net("mlp")
-        ddp = nn.parallel.DistributedDataParallel(net)
-        opt = tekfac.KFAC(ddp, fisher="empirical")
-        x, y = batch(shape)
-        F.cross_entropy(ddp(x), y).backward()
-        opt.step()
-        assert [la.name for la in opt.preconditioner.layers] == ["0", "2"]
-        assert opt.curvature(net[0]).dense().shape == (24, 24)
-    finally:
-        dist.destroy_process_group()
