@@ -110,7 +110,7 @@ def floor_flops(method: str, shapes: list[tuple[int, int, int, int]], n: int = B
         total += 4 * d_in * d_out * (d_in + d_out)  # rotate into and out of the basis
         stats = n * input_factor + 2 * rows * d_out**2  # the two factors
         stats += 4 * rows * d_in * d_out  # the MC sampled backward (input gradients)
-        if method in ("tkfac", "tekfac") and t > 1:  # δ: cheaper of Gram / per-example forms
+        if method == "tkfac" and t > 1:  # δ (TEKFAC skips it): cheaper of Gram / per-example forms
             stats += 2 * n * min(t * t * (d_in + d_out), t * d_in * d_out)
         if method in ("ekfac", "tekfac"):  # per-example gradients, rotated (cheaper order)
             rotate = (2 * rows * (d_in**2 + d_out**2) if t == 1 else
