@@ -171,9 +171,7 @@ class Examples:
         """``a (m, T, d_in)`` and ``g (m, T, d_out)`` for consecutive ranges of ``m``
         examples, each ``a`` of at most about ``CHUNK_ELEMENTS`` elements: patches are
         unfolded piece by piece, so the whole batch's patches never exist at once."""
-        step = max(1, factors.CHUNK_ELEMENTS // (self.g.shape[1] * self.layer.d_in))
-        for start in range(0, self.n, step):
-            part = slice(start, start + step)
+        for part in factors.example_ranges(self.n, self.g.shape[1] * self.layer.d_in):
             yield torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1), \
                 self.g[part]
 

@@ -108,10 +108,15 @@ def per_example_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:
     """``D_i = G_i A_i^T`` in chunks over the batch, each of shape ``(n_chunk, d_out, d_in)``,
     at most :data:`CHUNK_ELEMENTS` elements at a time."""
-    n, _, d_in = a.shape
-    chunk = max(1, CHUNK_ELEMENTS // (d_in * g.shape[-1]))
-    for start in range(0, n, chunk):
-        yield g[start:start + chunk].transpose(1, 2) @ a[start:start + chunk]
+    for part in example_ranges(a.shape[0], a.shape[-1] * g.shape[-1]):
+        yield g[part].transpose(1, 2) @ a[part]
+
+
+def example_ranges(n: int, elements_per_example: int) -> list[slice]:
+    """Consecutive ranges of ``n`` examples, each of at most about :data:`CHUNK_ELEMENTS`
+    elements (and at least one example)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_example))
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 class FactorKind(NamedTuple):

@@ -106,7 +106,7 @@ class KroneckerLayer:
                 x.shape[1], _padded(self.module, x[:1])[1]):
             return self._correlated_moment(*_padded(self.module, x), weights)
         total = None
-        for part in self._parts(x):
+        for part in factors.example_ranges(len(x), self.inputs(x[:1]).numel()):
             a = self.inputs(x[part])
             if weights is not None:
                 a = a * weights[part].sqrt()[:, None, None]
@@ -144,14 +144,6 @@ class KroneckerLayer:
         padded, geo = _padded(m, x)
         norms = patch_moments.patch_sq_norms(padded, geo)
         return norms + self.has_bias * (geo.out[0] * geo.out[1])
-
-    def _parts(self, x: Tensor) -> list[slice]:
-        """Example ranges whose unfolded inputs have at most about ``CHUNK_ELEMENTS``
-        elements."""
-        n = x.shape[0]
-        per_example = max(1, self.inputs(x[:1]).numel())
-        step = max(1, factors.CHUNK_ELEMENTS // per_example)
-        return [slice(start, start + step) for start in range(0, n, step)]
 
     def output_gradients(self, gy: Tensor) -> Tensor:
         """Gradient w.r.t. the layer output to ``g`` of shape ``(N, T, d_out)``."""
