@@ -136,8 +136,9 @@ class LayerBatch:
         layer = self.layer
         for group in self.groups:
             g = [layer.output_gradients(_batched(c.grad).to(dtype)) for c in group]
+            g = torch.cat(g, dim=1) if len(g) > 1 else g[0]
             yield Examples(layer, [_batched(c.inputs).to(dtype) for c in group],
-                           torch.cat(g, dim=1) * grad_multiplier)
+                           g * grad_multiplier if grad_multiplier != 1 else g)
 
 
 @dataclass(eq=False)
@@ -166,6 +167,17 @@ class Examples:
     def input_sq_norms(self) -> Tensor:
         """``tr(A_i A_i^T)`` per example, shape ``(n,)``."""
         return sum(self.layer.input_sq_norms(x) for x in self.inputs)
+
+    def gradients(self) -> Iterator[Tensor]:
+        """``D_i = G_i A_i^T`` of every example, ``(m, d_out, d_in)`` for consecutive ranges of
+        ``m`` examples of at most about ``CHUNK_ELEMENTS`` elements, the forward's calls
+        summed; patches are never unfolded (see :meth:`KroneckerLayer.example_gradients`)."""
+        layer = self.layer
+        locations = [layer.locations(x) for x in self.inputs]
+        for part in factors.example_ranges(self.n, layer.d_out * layer.d_in):
+            calls = zip(self.inputs, self.g[part].split(locations, dim=1))
+            d = [layer.example_gradients(x[part], g) for x, g in calls]
+            yield d[0] if len(d) == 1 else torch.stack(d).sum(dim=0)
 
     def pieces(self) -> Iterator[tuple[Tensor, Tensor]]:
         """``a (m, T, d_in)`` and ``g (m, T, d_out)`` for consecutive ranges of ``m``

@@ -66,7 +66,7 @@ def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorSta
     psi = _weighted_covariance(ex.g, tr_a) / n
     if not with_scale:
         return FactorStatistics(phi, psi, phi.new_ones(()))
-    delta = sum(per_example_sq_norms(a, g).sum() for a, g in ex.pieces()) / n
+    delta = example_sq_norms(ex).sum() / n
     return FactorStatistics(phi, psi, delta)
 
 
@@ -89,20 +89,22 @@ def _unit_trace(m: Tensor) -> Tensor:
     return m / torch.where(tr > 0, tr, torch.ones_like(tr))
 
 
-def per_example_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+def example_sq_norms(ex: Examples) -> Tensor:
     """``||D_i||_F^2 = ||G_i A_i^T||_F^2`` for every example; shape ``(N,)``.
 
     For ``T = 1`` this is ``||a_i||^2 ||g_i||^2``. Otherwise the cheaper of two exact forms:
     ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` via ``T×T`` Gram matrices (cost ``T²(d_in+d_out)``) or the
-    per-example gradients themselves (cost ``T·d_in·d_out``).
+    per-example gradients themselves (cost ``T·d_in·d_out``, see
+    :meth:`tekfac.capture.Examples.gradients`).
     """
-    _, t, d_in = a.shape
-    d_out = g.shape[-1]
+    t, d_out = ex.g.shape[1:]
+    d_in = ex.layer.d_in
     if t == 1:
-        return a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+        return ex.input_sq_norms() * ex.g.square().sum(dim=(1, 2))
     if t * (d_in + d_out) < d_in * d_out:
-        return (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
-    return torch.cat([d.square().sum(dim=(1, 2)) for d in per_example_gradients(a, g)])
+        return torch.cat([(a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+                          for a, g in ex.pieces()])
+    return torch.cat([d.square().sum(dim=(1, 2)) for d in ex.gradients()])
 
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:

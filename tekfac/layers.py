@@ -104,7 +104,7 @@ class KroneckerLayer:
         of :mod:`tekfac.patch_moments`; both are exact."""
         if not isinstance(self.module, nn.Linear) and patch_moments.correlation_is_cheaper(
                 x.shape[1], _padded(self.module, x[:1])[1]):
-            return self._correlated_moment(*_padded(self.module, x), weights)
+            return patch_moments.second_moment(*_padded(self.module, x), weights, self.has_bias)
         total = None
         for part in factors.example_ranges(len(x), self.inputs(x[:1]).numel()):
             a = self.inputs(x[part])
@@ -113,20 +113,6 @@ class KroneckerLayer:
             a = a.reshape(-1, a.shape[-1])
             total = a.T @ a if total is None else total + a.T @ a
         return total
-
-    def _correlated_moment(self, padded: Tensor, geo: patch_moments.Geometry,
-                           weights: Tensor | None) -> Tensor:
-        """:meth:`input_moment` of a convolution by spatial correlation, with the bias row
-        and column ``[Σ_i w_i Σ_t a_{i,t}, Σ_i w_i T]`` appended."""
-        moment = patch_moments.second_moment(padded, geo, weights)
-        if not self.has_bias:
-            return moment
-        sums = patch_moments.patch_sums(padded, geo, weights)
-        count = (weights.sum() if weights is not None
-                 else moment.new_tensor(float(padded.shape[0])))
-        corner = (count * (geo.out[0] * geo.out[1])).reshape(1, 1).to(moment.dtype)
-        return torch.cat([torch.cat([moment, sums[:, None]], dim=1),
-                          torch.cat([sums[None, :], corner], dim=1)])
 
     def input_moment_flops(self, x: Tensor) -> int:
         """FLOPs of :meth:`input_moment` on the batched input ``x`` (the path it takes)."""
@@ -144,6 +130,30 @@ class KroneckerLayer:
         padded, geo = _padded(m, x)
         norms = patch_moments.patch_sq_norms(padded, geo)
         return norms + self.has_bias * (geo.out[0] * geo.out[1])
+
+    def locations(self, x: Tensor) -> int:
+        """``T``, the output locations per example of a batched input ``x``."""
+        if isinstance(self.module, nn.Linear):
+            return x[0].numel() // x.shape[-1]
+        h_out, w_out = _padded(self.module, x[:1])[1].out
+        return h_out * w_out
+
+    def example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        """``D_i = G_i A_i^T`` of every example of a batched input ``x`` with output gradients
+        ``g (N, T, d_out)``; shape ``(N, d_out, d_in)``. A convolution takes them as the weight
+        gradient of one grouped convolution with a group per example (and ``Σ_t g_t`` for the
+        bias), so its patches are never unfolded."""
+        if isinstance(self.module, nn.Linear):
+            return g.transpose(1, 2) @ self.inputs(x)
+        padded, geo = _padded(self.module, x)
+        n, c = padded.shape[:2]
+        weights = torch.nn.grad.conv2d_weight(
+            padded.reshape(1, n * c, *padded.shape[2:]), (n * self.d_out, c, *geo.kernel),
+            g.transpose(1, 2).reshape(1, n * self.d_out, *geo.out), stride=geo.stride,
+            dilation=geo.dilation, groups=n).view(n, self.d_out, -1)
+        if not self.has_bias:
+            return weights
+        return torch.cat([weights, g.sum(dim=1)[:, :, None]], dim=2)
 
     def output_gradients(self, gy: Tensor) -> Tensor:
         """Gradient w.r.t. the layer output to ``g`` of shape ``(N, T, d_out)``."""

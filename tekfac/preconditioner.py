@@ -344,8 +344,7 @@ class Preconditioner:
                 continue
             if layer in batch:
                 def estimate(ex: Examples, s: LayerState = state) -> list[Tensor]:
-                    return [sum(corrected_scaling(a, g, s.basis_in, s.basis_out) * (len(a) / ex.n)
-                                for a, g in ex.pieces())]
+                    return [corrected_scaling(ex, s.basis_in, s.basis_out)]
 
                 stats[layer] = (self._batch_mean(batch[layer], estimate),
                                 float(batch[layer].num_examples))

@@ -89,9 +89,9 @@ def test_tekfac_skips_delta_which_its_corrected_scaling_replaces(kind, monkeypat
     """δ only scales TKFAC's Kronecker eigenvalues; TEKFAC re-fits them, so it never computes
     the per-example norms δ needs (and keeps ``scale = 1``), while TKFAC's δ is ``tr F``."""
     calls = []
-    norms = tekfac.factors.per_example_sq_norms
-    monkeypatch.setattr(tekfac.factors, "per_example_sq_norms",
-                        lambda a, g: calls.append(1) or norms(a, g))
+    norms = tekfac.factors.example_sq_norms
+    monkeypatch.setattr(tekfac.factors, "example_sq_norms",
+                        lambda ex: calls.append(1) or norms(ex))
     pre, refs = fitted(kind, "tekfac")
     assert not calls
     assert all(float(pre.states[la].scale) == 1.0 for la in pre.layers)

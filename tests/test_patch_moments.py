@@ -82,16 +82,16 @@ def test_input_moment_and_norms_equal_the_jacobian_patches(case, path, monkeypat
 
 def test_correlation_is_chosen_where_it_needs_fewer_flops():
     """The benchmark CNN's 5×5/32-channel convolution on 14×14 (padding 2): unfolding needs
-    ``2·T·(C·25)²`` FLOPs per example. The correlation computes, for the 10 pairs of kernel
-    rows ``u₁ < u₁'`` every column difference ``Δ ∈ [-4, 4]`` and for the 5 pairs ``u₁ = u₁'``
-    the ``Δ ≥ 0``, each over the ``14 + 4 - |Δ|`` input columns it reads and the 14 output
-    rows: ``2·14·C²·1820``, 4.8× fewer. A 1×1 convolution gains nothing."""
+    ``2·T·(C·25)²`` FLOPs per example. The correlation computes, for every kernel row
+    difference ``Δ ∈ [0, 4]``, the products between the ``5·C`` (kernel column, channel)
+    pairs on each of the ``14 + 4 - Δ`` input rows it reads, over the 14 output columns:
+    ``2·14·(5C)²·80``, 4.4× fewer. A 1×1 convolution gains nothing."""
     conv = nn.Conv2d(32, 64, 5, padding=2)
     _, geo = _padded(conv, torch.zeros(1, 32, 14, 14))
     assert geo == patch_moments.Geometry((5, 5), (1, 1), (1, 1), (14, 14))
-    columns = sum(10 * (18 - abs(d)) for d in range(-4, 5)) + sum(5 * (18 - d) for d in range(5))
-    assert columns == 1820
-    assert patch_moments.moment_flops(32, geo) == (2 * 196 * 800**2, 2 * 14 * columns * 32**2)
+    rows = sum(18 - d for d in range(5))
+    assert rows == 80
+    assert patch_moments.moment_flops(32, geo) == (2 * 196 * 800**2, 2 * 14 * rows * 160**2)
     assert patch_moments.correlation_is_cheaper(32, geo)
     pointwise = nn.Conv2d(32, 64, 1)
     assert not patch_moments.correlation_is_cheaper(32, _padded(pointwise, torch.zeros(
