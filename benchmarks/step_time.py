@@ -12,12 +12,13 @@ default update frequencies (statistics every 10 steps, eigendecompositions every
 * a breakdown: forward, backward (with the MC sampled backward), statistics (collecting and
   the factor update), eigendecomposition, scaling update, preconditioning, parameter step;
 * ``floor_ratio``: the predicted ratio to SGD if every step did only the arithmetic the method
-  cannot avoid — SGD's ``6·N·T·d_in·d_out`` FLOPs per layer plus rotating the gradient into and
-  out of the eigenbasis (``4·d_in·d_out·(d_in+d_out)``) and the amortised statistics (the input
-  factor by the cheaper of unfolding and spatial correlation), eigendecomposition (``9·d³``)
-  and scaling work (counted below, per layer);
-* ``peak_mb``: the peak memory increase of the training (RSS high-water mark of a forked child
-  on CPU, ``max_memory_allocated`` on CUDA).
+  cannot avoid — SGD's ``6·N·T·d_in·d_out`` FLOPs per layer (forward, input and weight
+  gradients; the first layer has no input gradient) plus rotating the gradient into and out of
+  the eigenbasis (``4·d_in·d_out·(d_in+d_out)``) and the amortised statistics (the sampled
+  backward's input gradients, the input factor by the cheaper of unfolding and spatial
+  correlation), eigendecomposition (``9·d³``) and scaling work (counted below, per layer);
+* ``peak_mb``: the peak memory of live tensors in a separate short run (model, batch and
+  optimizer state included; see :func:`peak_memory_mb`).
 
 All optimizers of a task are measured in the same run, so their ratios are comparable. On
 CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
@@ -28,8 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
+import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 
@@ -81,9 +83,9 @@ class Timer:
 
 
 def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """``(T, d_in, d_out, F_in)`` of every Linear/Conv layer: ``d_in`` with the bias column,
-    ``F_in`` the FLOPs per example of its input factor (by unfolding or, for a convolution
-    where cheaper, by spatial correlation: see :mod:`tekfac.patch_moments`)."""
+    """``(T, d_in, d_out, F_in)`` of every Linear/Conv layer in forward order: ``d_in`` with the
+    bias column, ``F_in`` the FLOPs per example of its input factor (by unfolding or, for a
+    convolution where cheaper, by spatial correlation: see :mod:`tekfac.patch_moments`)."""
     shapes, hooks = [], []
     for m in model.modules():
         if tekfac.layers.is_supported(m):
@@ -102,14 +104,15 @@ def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int,
 def floor_flops(method: str, shapes: list[tuple[int, int, int, int]], n: int = BATCH) -> float:
     """FLOPs per step the method cannot avoid, amortised (see the module docstring)."""
     total = 0.0
-    for t, d_in, d_out, input_factor in shapes:
+    for i, (t, d_in, d_out, input_factor) in enumerate(shapes):
         rows = n * t
-        total += 6 * rows * d_in * d_out  # SGD: forward, input and weight gradients
+        input_gradient = 2 * rows * d_in * d_out if i else 0  # the model input needs none
+        total += 4 * rows * d_in * d_out + input_gradient  # SGD: forward, weight gradient
         if method not in SECOND_ORDER:
             continue
         total += 4 * d_in * d_out * (d_in + d_out)  # rotate into and out of the basis
         stats = n * input_factor + 2 * rows * d_out**2  # the two factors
-        stats += 4 * rows * d_in * d_out  # the MC sampled backward (input gradients)
+        stats += input_gradient  # the MC sampled backward (output gradients only)
         if method == "tkfac" and t > 1:  # δ (TEKFAC skips it): cheaper of Gram / per-example forms
             stats += 2 * n * min(t * t * (d_in + d_out), t * d_in * d_out)
         if method in ("ekfac", "tekfac"):  # per-example gradients, rotated (cheaper order)
@@ -138,22 +141,26 @@ def inner(timer: Timer) -> float:
     return sum(timer.totals[p] for p in set(INNER.values()))
 
 
-def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None) -> dict:
-    """Train ``steps`` measured steps (after a warm-up of 10) on synthetic data."""
+def build(task_name: str, optimizer: str, device: str, **options: object):
+    """The task, its model, one batch ``(x, y)`` and the optimizer (default settings)."""
     task = TASKS[task_name]
     torch.manual_seed(0)
     model = task.build().to(device)
     x, y = (t.to(device) for t in sample_batch(task.dataset))
     opt = make_optimizer(optimizer, model, {"lr": 1e-3, "damping": 0.1}, task.loss,
-                         task.weight_decay)
+                         task.weight_decay, **options)
+    return task, model, x, y, opt
+
+
+def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None) -> dict:
+    """Train ``steps`` measured steps (after a warm-up of 10) on one batch; then measure the
+    peak memory (:func:`peak_memory_mb`)."""
+    task, model, x, y, opt = build(task_name, optimizer, device)
     timer = Timer(device)
     pre = getattr(opt, "preconditioner", None)
     if pre is not None:
         for name, phase in INNER.items():
             timer.wrap(pre, name, phase)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step_times = []
     for i in range(10 + steps):
         if i == 10:
@@ -187,18 +194,54 @@ def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None)
         "floor_ratio": floor_flops(optimizer, shapes) / floor_flops("sgd", shapes),
         "step_ms": 1e3 * statistics.median(blocks) + eigen_ms / EIGEN,
         "breakdown_ms": {p: 1e3 * timer.totals[p] / steps for p in PHASES},
-        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-                    else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024),
     }
     result["breakdown_ms"]["eigendecomposition"] = eigen_ms / EIGEN
+    del model, opt, pre, timer  # not counted by the memory run
+    result["peak_mb"] = peak_memory_mb(task_name, optimizer, device)
     if queue is not None:
         queue.put(result)
     return result
 
 
+def peak_memory_mb(task_name: str, optimizer: str, device: str) -> float:
+    """Peak MiB of live tensors — the model, its batch and the optimizer state included —
+    over ``2·COV + 1`` steps with eigendecompositions every ``2·COV``: the first step (every
+    statistic, then the bases), a statistics step that keeps the bases (EKFAC/TEKFAC then
+    estimate the scaling between the two backward passes, while the graph is alive) and a
+    refresh of existing bases. The same quantity on both devices: on CUDA
+    ``max_memory_allocated``, on CPU every allocation and free the profiler records."""
+    options = {"eigen_update_freq": 2 * COV} if optimizer in SECOND_ORDER else {}
+
+    def train() -> None:
+        task, model, x, y, opt = build(task_name, optimizer, device, **options)
+        for _ in range(2 * COV + 1):
+            out = model(task.inputs(x))
+            loss = task.loss_fn(out, task.targets(x, y))
+            opt.zero_grad(set_to_none=True)
+            backward(opt, loss, out)
+            opt.step()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        train()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"),
+               default=0) / 2**20
+
+
 def measure_isolated(task: str, optimizer: str, steps: int, device: str) -> dict:
-    """On CPU, measure in a forked child so that its peak RSS is its own. (The parent runs
-    no torch computation, so that forking cannot inherit a busy thread pool.)"""
+    """On CPU, measure in a forked child, so that every optimizer starts from the same process
+    state (allocator, caches). (The parent runs no torch computation, so that forking cannot
+    inherit a busy thread pool.)"""
     if device.startswith("cuda"):
         return measure(task, optimizer, steps, device)
     ctx = mp.get_context("fork")
@@ -228,9 +271,10 @@ def main() -> None:
     for task_name in args.tasks:
         rows = {optimizer: measure_isolated(task_name, optimizer, steps, args.device)
                 for optimizer in args.optimizers}
-        sgd_ms = rows["sgd"]["step_ms"] if "sgd" in rows else float("nan")
+        sgd = rows.get("sgd", {"step_ms": float("nan"), "peak_mb": float("nan")})
         for row in rows.values():
-            row["ratio_vs_sgd"] = row["step_ms"] / sgd_ms
+            row["ratio_vs_sgd"] = row["step_ms"] / sgd["step_ms"]
+            row["memory_vs_sgd"] = row["peak_mb"] / sgd["peak_mb"]
         report[task_name] = rows
         if not args.json:
             print_table(task_name, rows, steps, args.device)
@@ -244,13 +288,14 @@ def print_table(task: str, rows: dict[str, dict], steps: int, device: str) -> No
     flush = ", subnormals flushed" if device == "cpu" else ""
     print(f"\n{task}: batch {BATCH}, {steps} measured steps, {device}, "
           f"{torch.get_num_threads()} threads{flush}")
-    head = ["optimizer", "step ms", "×SGD", "floor×", "meas/floor", "peak MB",
+    head = ["optimizer", "step ms", "×SGD", "floor×", "meas/floor", "peak MB", "mem×SGD",
             *(p[:9] for p in PHASES)]
     print(" ".join(f"{h:>10}" for h in head))
     for name, r in rows.items():
         cells = [name, f"{r['step_ms']:.1f}", f"{r['ratio_vs_sgd']:.2f}",
                  f"{r['floor_ratio']:.2f}", f"{r['ratio_vs_sgd'] / r['floor_ratio']:.2f}",
-                 f"{r['peak_mb']:.0f}", *(f"{r['breakdown_ms'][p]:.2f}" for p in PHASES)]
+                 f"{r['peak_mb']:.0f}", f"{r['memory_vs_sgd']:.2f}",
+                 *(f"{r['breakdown_ms'][p]:.2f}" for p in PHASES)]
         print(" ".join(f"{c:>10}" for c in cells))
 
 

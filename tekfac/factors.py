@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 #: Largest number of elements of a layer's patches, or of per-example gradients, materialised
 #: at once.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 class FactorStatistics(NamedTuple):

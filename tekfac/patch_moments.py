@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tekfac.factors import example_ranges
+
 
 class Geometry(NamedTuple):
     """``kernel``, ``stride``, ``dilation`` as ``(height, width)`` pairs, and the output size
@@ -43,26 +45,29 @@ def second_moment(x: Tensor, geo: Geometry, weights: Tensor | None = None,
     """``Ω = Σ_n w_n Σ_p a_{n,p} a_{n,p}^T`` of shape ``(D, D)``, ``D = C·k₁k₂ + bias``, by the
     correlation of the module docstring; ``x`` is the padded input ``(N, C, H, W)``,
     ``weights`` ``(N,)`` non-negative (default 1). With ``bias`` every patch is extended by a
-    constant 1, which appends the row and column ``[Σ_n w_n Σ_p a_{n,p}, T·Σ_n w_n]``."""
+    constant 1, which appends the row and column ``[Σ_n w_n Σ_p a_{n,p}, T·Σ_n w_n]``. ``Y``
+    is built for consecutive ranges of examples, each of at most about ``CHUNK_ELEMENTS``
+    elements."""
     n, c, height, width = x.shape
     (k1, k2), (s1, s2), (r1, r2), (h_out, w_out) = geo
-    scaled = (x if weights is None else x * weights.sqrt()[:, None, None, None]).contiguous()
-    columns = scaled.as_strided((n, c, height, k2, w_out),  # x̃[n, c, h, s₂p₂ + r₂u₂]
-                                (c * height * width, height * width, width, r2, s2))
-    y = columns.permute(2, 3, 1, 0, 4).contiguous().view(height, k2 * c, n * w_out)
     d = c * k1 * k2
-    out = x.new_empty(d + bias, d + bias)
+    out = x.new_zeros(d + bias, d + bias)
     # the patch block as [u₁, u₁', u₂, c, u₂', c'], a view
     blocks = out[:d, :d].view(c, k1, k2, c, k1, k2).permute(1, 4, 2, 0, 5, 3)
-    for shift in range(k1):  # Δ
-        offsets = k1 - shift  # the u₁ with u₁ + Δ in the kernel
-        rows = _extent(offsets, r1, s1, h_out)
-        m = torch.bmm(y[:rows], y[r1 * shift: r1 * shift + rows].transpose(1, 2))
-        sums = _window_sums(m, 0, [r1 * u for u in range(offsets)], s1, h_out)
-        sums = sums.reshape(offsets, k2, c, k2, c)
-        blocks.diagonal(shift, 0, 1).copy_(sums.permute(1, 2, 3, 4, 0))
-        if shift:
-            blocks.diagonal(-shift, 0, 1).copy_(sums.permute(3, 4, 1, 2, 0))
+    for part in example_ranges(n, height * k2 * c * w_out):  # Y of a few examples at a time
+        chunk = x[part] if weights is None else x[part] * weights[part].sqrt()[:, None, None, None]
+        columns = chunk.contiguous().as_strided(  # x̃[n, c, h, s₂p₂ + r₂u₂]
+            (len(chunk), c, height, k2, w_out), (c * height * width, height * width, width, r2, s2))
+        y = columns.permute(2, 3, 1, 0, 4).contiguous().view(height, k2 * c, -1)
+        for shift in range(k1):  # Δ
+            offsets = k1 - shift  # the u₁ with u₁ + Δ in the kernel
+            rows = _extent(offsets, r1, s1, h_out)
+            product = torch.bmm(y[:rows], y[r1 * shift: r1 * shift + rows].transpose(1, 2))
+            sums = _window_sums(product, 0, [r1 * u for u in range(offsets)], s1, h_out)
+            sums = sums.reshape(offsets, k2, c, k2, c)
+            blocks.diagonal(shift, 0, 1).add_(sums.permute(1, 2, 3, 4, 0))
+            if shift:
+                blocks.diagonal(-shift, 0, 1).add_(sums.permute(3, 4, 1, 2, 0))
     if bias:
         total = x.sum(dim=0) if weights is None else torch.einsum("n,nchw->chw", weights, x)
         out[:d, d] = out[d, :d] = _kernel_windows(total, geo).flatten()

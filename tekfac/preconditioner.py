@@ -374,8 +374,9 @@ class Preconditioner:
         return skipped
 
     def _update_bases(self, layers: list[KroneckerLayer]) -> None:
-        """Eigendecompose both factors of ``layers``: split over ranks by cost ``d³`` and
-        shared, or ('owner' mode) each rank its own layers."""
+        """Eigendecompose both factors of ``layers``: in a process group split over ranks by
+        cost ``d³`` and shared; otherwise ('owner' mode: each rank its own layers) one layer
+        at a time, so that a layer's previous basis is freed before the next one is computed."""
         matrices = [m for la in layers for m in (self.states[la].factor_in,
                                                  self.states[la].factor_out)]
 
@@ -387,25 +388,31 @@ class Preconditioner:
                 return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
             return list(result)
 
-        if self.owners is None:  # split over ranks, then every rank gets every basis
+        if self.owners is None and self.comm.active:  # every rank gets every basis
             owners = self.comm.assign([float(m.shape[0]) ** 3 for m in matrices])
             templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
             results = self.comm.share(owners, compute, templates)
-        else:  # 'owner' mode: these are this rank's own layers, kept here
-            results = [compute(i) for i in range(len(matrices))]
-        for k, layer in enumerate(layers):
-            (eig_in, basis_in), (eig_out, basis_out) = results[2 * k], results[2 * k + 1]
-            if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
-                self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
-                continue
-            state = self.states[layer]
-            if self.config.scaling == "kronecker":
-                state.scaling = kronecker_scaling(eig_in, eig_out, state.scale)
-            elif state.scaling is not None:
-                state.scaling = carry_scaling(state.scaling, state.basis_in, state.basis_out,
-                                              basis_in, basis_out)
-            state.basis_in, state.basis_out = basis_in, basis_out
-            state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
+            for k, layer in enumerate(layers):
+                self._install_basis(layer, *results[2 * k], *results[2 * k + 1])
+        else:
+            for k, layer in enumerate(layers):
+                self._install_basis(layer, *compute(2 * k), *compute(2 * k + 1))
+
+    def _install_basis(self, layer: KroneckerLayer, eig_in: Tensor, basis_in: Tensor,
+                       eig_out: Tensor, basis_out: Tensor) -> None:
+        """Make a fresh eigendecomposition the layer's basis, and its scaling follow it (a
+        failed one, with non-finite values, keeps the previous basis)."""
+        if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
+            self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
+            return
+        state = self.states[layer]
+        if self.config.scaling == "kronecker":
+            state.scaling = kronecker_scaling(eig_in, eig_out, state.scale)
+        elif state.scaling is not None:
+            state.scaling = carry_scaling(state.scaling, state.basis_in, state.basis_out,
+                                          basis_in, basis_out)
+        state.basis_in, state.basis_out = basis_in, basis_out
+        state.eig_in, state.eig_out, state.basis_scale = eig_in, eig_out, state.scale
 
     def _update_corrected(self, reduced: dict[KroneckerLayer, tuple[list[Tensor], float]],
                           skipped: set[KroneckerLayer]) -> None:

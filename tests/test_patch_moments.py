@@ -68,6 +68,7 @@ def test_input_moment_and_norms_equal_the_jacobian_patches(case, path, monkeypat
     """``Σ_i w_i A_i A_iᵀ`` and ``tr(A_i A_iᵀ)`` by either path equal those of the exact
     patches, for every padding, padding mode, stride and dilation."""
     monkeypatch.setattr(patch_moments, "correlation_is_cheaper", lambda *_: PATHS[path])
+    monkeypatch.setattr(tekfac.factors, "CHUNK_ELEMENTS", 50)  # a few examples at a time
     conv, x = case
     layer = KroneckerLayer("conv", conv)
     a = jacobian_patches(conv, x)
