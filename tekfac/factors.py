@@ -42,8 +42,7 @@ def kronecker_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics
               \\quad δ = 1.
     """
     n, t = ex.g.shape[:2]
-    g2 = ex.g.reshape(n * t, -1)
-    return FactorStatistics(ex.input_moment() / (n * t), g2.T @ g2 / n, g2.new_ones(()))
+    return FactorStatistics(ex.input_moment() / (n * t), _gram(ex.g) / n, ex.g.new_ones(()))
 
 
 def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics:
@@ -63,7 +62,7 @@ def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorSta
     tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
     tr_g = ex.g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
     phi = ex.input_moment(tr_g) / n
-    psi = _weighted_covariance(ex.g, tr_a) / n
+    psi = _gram(ex.g, tr_a) / n
     if not with_scale:
         return FactorStatistics(phi, psi, phi.new_ones(()))
     delta = example_sq_norms(ex).sum() / n
@@ -76,11 +75,14 @@ def unit_trace_factors(stats: FactorStatistics) -> FactorStatistics:
                             stats.scale)
 
 
-def _weighted_covariance(x: Tensor, weights: Tensor) -> Tensor:
-    """``Σ_i w_i X_i X_i^T`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``."""
-    xw = x * weights.sqrt()[:, None, None]
-    x2 = xw.reshape(-1, x.shape[-1])
-    return x2.T @ x2
+def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``Σ_i w_i X_i^T X_i`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``. One product over
+    the ``N·T`` rows, or, when ``x`` is the transposed view of a contiguous ``(N, d, T)`` (a
+    convolution's output gradients), one batched product per example, which needs no copy."""
+    weighted = x if weights is None else x * weights[:, None, None]
+    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        return torch.bmm(weighted.transpose(1, 2), x).sum(dim=0)
+    return weighted.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
 
 def _unit_trace(m: Tensor) -> Tensor:
