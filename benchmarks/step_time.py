@@ -3,12 +3,15 @@
     python benchmarks/step_time.py [--quick] [--json] [--tasks ...] [--device cpu|cuda]
 
 For each task (one batch of 128 real training images, or noise if the data set is missing)
-and optimizer the script
-trains ``--steps`` steps after a warm-up and reports, in milliseconds per step amortised at the
-default update frequencies (statistics every 10 steps, eigendecompositions every 100):
+and optimizer the script trains ``--steps`` steps after a warm-up, in ``--rounds`` rounds that
+visit the optimizers in turn (so that a drift of the machine's speed affects them alike), and
+reports, in milliseconds per step amortised at the default update frequencies (statistics every
+10 steps, eigendecompositions every 100):
 
-* ``step_ms``: median over blocks of 10 consecutive steps (each block holds one statistics
-  step) of the block's mean, plus the separately timed eigendecomposition / 100;
+* ``step_ms``: per round, the median over blocks of 10 consecutive steps (each block holds one
+  statistics step) of the block's mean, plus the separately timed eigendecomposition / 100;
+  the median over rounds;
+* ``ratio_vs_sgd``: the median over rounds of ``step_ms`` divided by SGD's of the same round;
 * a breakdown: forward, backward (with the MC sampled backward), statistics (collecting and
   the factor update), eigendecomposition, scaling update, preconditioning, parameter step;
 * ``floor_ratio``: the predicted ratio to SGD if every step did only the arithmetic the method
@@ -20,8 +23,7 @@ default update frequencies (statistics every 10 steps, eigendecompositions every
 * ``peak_mb``: the peak memory of live tensors in a separate short run (model, batch and
   optimizer state included; see :func:`peak_memory_mb`).
 
-All optimizers of a task are measured in the same run, so their ratios are comparable. On
-CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
+On CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ def build(task_name: str, optimizer: str, device: str, **options: object):
     return task, model, x, y, opt
 
 
-def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None) -> dict:
-    """Train ``steps`` measured steps (after a warm-up of 10) on one batch; then measure the
-    peak memory (:func:`peak_memory_mb`)."""
+def measure(task_name: str, optimizer: str, steps: int, device: str, memory: bool = True,
+            queue=None) -> dict:
+    """Train ``steps`` measured steps (after a warm-up of 10) on one batch; then, if
+    ``memory``, measure the peak memory (:func:`peak_memory_mb`)."""
     task, model, x, y, opt = build(task_name, optimizer, device)
     timer = Timer(device)
     pre = getattr(opt, "preconditioner", None)
@@ -197,7 +200,8 @@ def measure(task_name: str, optimizer: str, steps: int, device: str, queue=None)
     }
     result["breakdown_ms"]["eigendecomposition"] = eigen_ms / EIGEN
     del model, opt, pre, timer  # not counted by the memory run
-    result["peak_mb"] = peak_memory_mb(task_name, optimizer, device)
+    if memory:
+        result["peak_mb"] = peak_memory_mb(task_name, optimizer, device)
     if queue is not None:
         queue.put(result)
     return result
@@ -238,15 +242,15 @@ def peak_memory_mb(task_name: str, optimizer: str, device: str) -> float:
                default=0) / 2**20
 
 
-def measure_isolated(task: str, optimizer: str, steps: int, device: str) -> dict:
+def measure_isolated(task: str, optimizer: str, steps: int, device: str, memory: bool) -> dict:
     """On CPU, measure in a forked child, so that every optimizer starts from the same process
     state (allocator, caches). (The parent runs no torch computation, so that forking cannot
     inherit a busy thread pool.)"""
     if device.startswith("cuda"):
-        return measure(task, optimizer, steps, device)
+        return measure(task, optimizer, steps, device, memory)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(task, optimizer, steps, device, queue))
+    proc = ctx.Process(target=measure, args=(task, optimizer, steps, device, memory, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -255,38 +259,59 @@ def measure_isolated(task: str, optimizer: str, steps: int, device: str) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 steps each (under a minute)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 200)")
+    parser.add_argument("--quick", action="store_true",
+                        help="20 steps, one round (under a minute)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="measured steps per round (default 100)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over all optimizers, interleaved (default 3)")
     parser.add_argument("--tasks", nargs="+", default=["fmnist-cnn", "fmnist-autoencoder",
                                                        "fmnist-vgg"], choices=TASKS)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    steps = args.steps or (20 if args.quick else 200)
+    steps = args.steps or (20 if args.quick else 100)
     steps = max(COV, steps - steps % COV)
+    rounds = max(1, args.rounds or (1 if args.quick else 3))
     if args.device == "cpu":  # as `tekfac bench` does: float32 subnormals are slow on CPUs
         torch.set_flush_denormal(True)
     report: dict[str, dict[str, dict]] = {}
     for task_name in args.tasks:
-        rows = {optimizer: measure_isolated(task_name, optimizer, steps, args.device)
-                for optimizer in args.optimizers}
-        sgd = rows.get("sgd", {"step_ms": float("nan"), "peak_mb": float("nan")})
-        for row in rows.values():
-            row["ratio_vs_sgd"] = row["step_ms"] / sgd["step_ms"]
-            row["memory_vs_sgd"] = row["peak_mb"] / sgd["peak_mb"]
+        runs: dict[str, list[dict]] = {optimizer: [] for optimizer in args.optimizers}
+        for k in range(rounds):
+            for optimizer in args.optimizers:
+                runs[optimizer].append(measure_isolated(task_name, optimizer, steps,
+                                                        args.device, memory=k == 0))
+        rows = {optimizer: combine(results, runs.get("sgd")) for optimizer, results in runs.items()}
         report[task_name] = rows
         if not args.json:
-            print_table(task_name, rows, steps, args.device)
+            print_table(task_name, rows, steps, rounds, args.device)
     if args.json:
         print(json.dumps({t: {o: {k: r[k] for k in ("step_ms", "ratio_vs_sgd", "floor_ratio",
                                                     "peak_mb")}
                               for o, r in rows.items()} for t, rows in report.items()}))
 
 
-def print_table(task: str, rows: dict[str, dict], steps: int, device: str) -> None:
+def combine(results: list[dict], sgd: list[dict] | None) -> dict:
+    """One optimizer's rounds: the median step, the median of its same-round ratios to SGD,
+    the mean breakdown, the first round's peak memory (and its ratio to SGD's)."""
+    nan = float("nan")
+    ratios = [r["step_ms"] / s["step_ms"] for r, s in zip(results, sgd)] if sgd else [nan]
+    return {
+        "step_ms": statistics.median(r["step_ms"] for r in results),
+        "ratio_vs_sgd": statistics.median(ratios),
+        "floor_ratio": results[0]["floor_ratio"],
+        "peak_mb": results[0]["peak_mb"],
+        "memory_vs_sgd": results[0]["peak_mb"] / sgd[0]["peak_mb"] if sgd else nan,
+        "breakdown_ms": {p: statistics.fmean(r["breakdown_ms"][p] for r in results)
+                         for p in PHASES},
+    }
+
+
+def print_table(task: str, rows: dict[str, dict], steps: int, rounds: int, device: str) -> None:
     flush = ", subnormals flushed" if device == "cpu" else ""
-    print(f"\n{task}: batch {BATCH}, {steps} measured steps, {device}, "
+    print(f"\n{task}: batch {BATCH}, {rounds} × {steps} measured steps, {device}, "
           f"{torch.get_num_threads()} threads{flush}")
     head = ["optimizer", "step ms", "×SGD", "floor×", "meas/floor", "peak MB", "mem×SGD",
             *(p[:9] for p in PHASES)]
