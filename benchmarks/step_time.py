@@ -143,12 +143,14 @@ def inner(timer: Timer) -> float:
     return sum(timer.totals[p] for p in set(INNER.values()))
 
 
-def build(task_name: str, optimizer: str, device: str, **options: object):
-    """The task, its model, one batch ``(x, y)`` and the optimizer (default settings)."""
+def build(task_name: str, optimizer: str, device: str, batch: tuple[torch.Tensor, torch.Tensor],
+          **options: object):
+    """The task, its model, a copy of ``batch`` on ``device`` and the optimizer (default
+    settings, updated by ``options``)."""
     task = TASKS[task_name]
     torch.manual_seed(0)
     model = task.build().to(device)
-    x, y = (t.to(device) for t in sample_batch(task.dataset))
+    x, y = (t.to(device, copy=True) for t in batch)
     opt = make_optimizer(optimizer, model, {"lr": 1e-3, "damping": 0.1}, task.loss,
                          task.weight_decay, **options)
     return task, model, x, y, opt
@@ -158,7 +160,8 @@ def measure(task_name: str, optimizer: str, steps: int, device: str, memory: boo
             queue=None) -> dict:
     """Train ``steps`` measured steps (after a warm-up of 10) on one batch; then, if
     ``memory``, measure the peak memory (:func:`peak_memory_mb`)."""
-    task, model, x, y, opt = build(task_name, optimizer, device)
+    batch = sample_batch(TASKS[task_name].dataset)
+    task, model, x, y, opt = build(task_name, optimizer, device, batch)
     timer = Timer(device)
     pre = getattr(opt, "preconditioner", None)
     if pre is not None:
@@ -201,24 +204,27 @@ def measure(task_name: str, optimizer: str, steps: int, device: str, memory: boo
     result["breakdown_ms"]["eigendecomposition"] = eigen_ms / EIGEN
     del model, opt, pre, timer  # not counted by the memory run
     if memory:
-        result["peak_mb"] = peak_memory_mb(task_name, optimizer, device)
+        result["peak_mb"] = peak_memory_mb(task_name, optimizer, device, batch)
     if queue is not None:
         queue.put(result)
     return result
 
 
-def peak_memory_mb(task_name: str, optimizer: str, device: str) -> float:
-    """Peak MiB of live tensors — the model, its batch and the optimizer state included —
-    over ``2·COV + 1`` steps with eigendecompositions every ``2·COV``: the first step (every
-    statistic, then the bases), a statistics step that keeps the bases (EKFAC/TEKFAC then
-    estimate the scaling between the two backward passes, while the graph is alive) and a
-    refresh of existing bases. The same quantity on both devices: on CUDA
+def peak_memory_mb(task_name: str, optimizer: str, device: str,
+                   batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Peak MiB of live tensors — the model, a copy of ``batch`` and the optimizer state
+    included — over 5 steps with statistics every 2 and eigendecompositions every 4 steps, so
+    that they hold every kind of step: the first (every statistic, then the bases), a
+    statistics step that keeps the bases (EKFAC/TEKFAC then estimate the scaling between the
+    two backward passes, while the graph is alive) and a refresh of existing bases. (Memory
+    does not depend on the frequencies.) The same quantity on both devices: on CUDA
     ``max_memory_allocated``, on CPU every allocation and free the profiler records."""
-    options = {"eigen_update_freq": 2 * COV} if optimizer in SECOND_ORDER else {}
+    options = dict(cov_update_freq=2, scale_update_freq=2, eigen_update_freq=4) \
+        if optimizer in SECOND_ORDER else {}
 
     def train() -> None:
-        task, model, x, y, opt = build(task_name, optimizer, device, **options)
-        for _ in range(2 * COV + 1):
+        task, model, x, y, opt = build(task_name, optimizer, device, batch, **options)
+        for _ in range(5):
             out = model(task.inputs(x))
             loss = task.loss_fn(out, task.targets(x, y))
             opt.zero_grad(set_to_none=True)
@@ -260,7 +266,7 @@ def measure_isolated(task: str, optimizer: str, steps: int, device: str, memory:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="20 steps, one round (under a minute)")
+                        help="10 steps, one round (under a minute)")
     parser.add_argument("--steps", type=int, default=None,
                         help="measured steps per round (default 100)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -271,7 +277,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    steps = args.steps or (20 if args.quick else 100)
+    steps = args.steps or (10 if args.quick else 100)
     steps = max(COV, steps - steps % COV)
     rounds = max(1, args.rounds or (1 if args.quick else 3))
     if args.device == "cpu":  # as `tekfac bench` does: float32 subnormals are slow on CPUs
