@@ -60,7 +60,7 @@ def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorSta
     """
     n = ex.n
     tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
-    tr_g = ex.g.square().sum(dim=(1, 2))  # (N,) tr Γ_i
+    tr_g = torch.linalg.vector_norm(ex.g, dim=(1, 2)).square()  # (N,) tr Γ_i
     phi = ex.input_moment(tr_g) / n
     psi = _gram(ex.g, tr_a) / n
     if not with_scale:
@@ -79,9 +79,11 @@ def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
     """``Σ_i w_i X_i^T X_i`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``. One product over
     the ``N·T`` rows, or, when ``x`` is the transposed view of a contiguous ``(N, d, T)`` (a
     convolution's output gradients), one batched product per example, which needs no copy."""
-    weighted = x if weights is None else x * weights[:, None, None]
     if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-        return torch.bmm(weighted.transpose(1, 2), x).sum(dim=0)
+        per_example = torch.bmm(x.transpose(1, 2), x)
+        return per_example.sum(dim=0) if weights is None else torch.tensordot(weights,
+                                                                               per_example, 1)
+    weighted = x if weights is None else x * weights[:, None, None]
     return weighted.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
 
@@ -102,11 +104,11 @@ def example_sq_norms(ex: Examples) -> Tensor:
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
     if t == 1:
-        return ex.input_sq_norms() * ex.g.square().sum(dim=(1, 2))
+        return ex.input_sq_norms() * torch.linalg.vector_norm(ex.g, dim=(1, 2)).square()
     if t * (d_in + d_out) < d_in * d_out:
         return torch.cat([(a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
                           for a, g in ex.pieces()])
-    return torch.cat([d.square().sum(dim=(1, 2)) for d in ex.gradients()])
+    return torch.cat([torch.linalg.vector_norm(d, dim=(1, 2)).square() for d in ex.gradients()])
 
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:

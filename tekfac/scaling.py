@@ -40,7 +40,7 @@ def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tens
         total = sum((g[:, 0] @ basis_out).square().T @ (a[:, 0] @ basis_in).square()
                     for a, g in ex.pieces())
     elif t * (d_in**2 + d_out**2) > d_in * d_out * (d_in + d_out):
-        total = sum((basis_out.T @ d @ basis_in).square().sum(dim=0) for d in ex.gradients())
+        total = sum((basis_out.T @ d @ basis_in).square_().sum(dim=0) for d in ex.gradients())
     else:
         total = sum(d.square().sum(dim=0) for a, g in ex.pieces()
                     for d in per_example_gradients(a @ basis_in, g @ basis_out))
