@@ -176,8 +176,11 @@ class Examples:
         locations = [layer.locations(x) for x in self.inputs]
         for part in factors.example_ranges(self.n, layer.d_out * layer.d_in):
             calls = zip(self.inputs, self.g[part].split(locations, dim=1))
-            d = [layer.example_gradients(x[part], g) for x, g in calls]
-            yield d[0] if len(d) == 1 else torch.stack(d).sum(dim=0)
+            total = None
+            for x, g in calls:
+                d = layer.example_gradients(x[part], g)
+                total = d if total is None else total.add_(d)
+            yield total
 
     def pieces(self) -> Iterator[tuple[Tensor, Tensor]]:
         """``a (m, T, d_in)`` and ``g (m, T, d_out)`` for consecutive ranges of ``m``

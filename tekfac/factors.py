@@ -21,8 +21,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from tekfac.capture import Examples
 
-#: Largest number of elements of a layer's patches, or of per-example gradients, materialised
-#: at once.
+#: Largest number of elements of a layer's patches, of per-example gradients, or of a
+#: convolution's gathered input rows (``Y`` of :mod:`tekfac.patch_moments`) materialised at once.
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -77,14 +77,16 @@ def unit_trace_factors(stats: FactorStatistics) -> FactorStatistics:
 
 def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
     """``Σ_i w_i X_i^T X_i`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``. One product over
-    the ``N·T`` rows, or, when ``x`` is the transposed view of a contiguous ``(N, d, T)`` (a
-    convolution's output gradients), one batched product per example, which needs no copy."""
-    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+    the ``N·T`` rows; but when ``x`` is the transposed view of a contiguous ``(N, d, T)`` (a
+    convolution's output gradients) with ``T ≥ d``, one product per example, which copies
+    nothing and whose ``(N, d, d)`` results are at most the size of ``x``."""
+    t, d = x.shape[1:]
+    if t >= d and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         per_example = torch.bmm(x.transpose(1, 2), x)
         return per_example.sum(dim=0) if weights is None else torch.tensordot(weights,
                                                                                per_example, 1)
     weighted = x if weights is None else x * weights[:, None, None]
-    return weighted.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return weighted.reshape(-1, d).T @ x.reshape(-1, d)
 
 
 def _unit_trace(m: Tensor) -> Tensor:

@@ -43,36 +43,50 @@ class Geometry(NamedTuple):
 def second_moment(x: Tensor, geo: Geometry, weights: Tensor | None = None,
                   bias: bool = False) -> Tensor:
     """``Ω = Σ_n w_n Σ_p a_{n,p} a_{n,p}^T`` of shape ``(D, D)``, ``D = C·k₁k₂ + bias``, by the
-    correlation of the module docstring; ``x`` is the padded input ``(N, C, H, W)``,
-    ``weights`` ``(N,)`` non-negative (default 1). With ``bias`` every patch is extended by a
-    constant 1, which appends the row and column ``[Σ_n w_n Σ_p a_{n,p}, T·Σ_n w_n]``. ``Y``
-    is built for consecutive ranges of examples, each of at most about ``CHUNK_ELEMENTS``
-    elements."""
-    n, c, height, width = x.shape
-    (k1, k2), (s1, s2), (r1, r2), (h_out, w_out) = geo
+    correlation of the module docstring along the longer kernel axis (the image is transposed
+    when the kernel is wider than tall, e.g. for every Conv1d); ``x`` is the padded input
+    ``(N, C, H, W)``, ``weights`` ``(N,)`` non-negative (default 1). With ``bias`` every patch
+    is extended by a constant 1, which appends the row and column ``[Σ_n w_n Σ_p a_{n,p},
+    T·Σ_n w_n]``."""
+    n, c = x.shape[:2]
+    (k1, k2), _, _, (h_out, w_out) = geo
     d = c * k1 * k2
     out = x.new_zeros(d + bias, d + bias)
-    # the patch block as [u₁, u₁', u₂, c, u₂', c'], a view
-    blocks = out[:d, :d].view(c, k1, k2, c, k1, k2).permute(1, 4, 2, 0, 5, 3)
-    for part in example_ranges(n, height * k2 * c * w_out):  # Y of a few examples at a time
-        chunk = x[part] if weights is None else x[part] * weights[part].sqrt()[:, None, None, None]
-        columns = chunk.contiguous().as_strided(  # x̃[n, c, h, s₂p₂ + r₂u₂]
-            (len(chunk), c, height, k2, w_out), (c * height * width, height * width, width, r2, s2))
-        y = columns.permute(2, 3, 1, 0, 4).contiguous().view(height, k2 * c, -1)
-        for shift in range(k1):  # Δ
-            offsets = k1 - shift  # the u₁ with u₁ + Δ in the kernel
-            rows = _extent(offsets, r1, s1, h_out)
-            product = torch.bmm(y[:rows], y[r1 * shift: r1 * shift + rows].transpose(1, 2))
-            sums = _window_sums(product, 0, [r1 * u for u in range(offsets)], s1, h_out)
-            sums = sums.reshape(offsets, k2, c, k2, c)
-            blocks.diagonal(shift, 0, 1).add_(sums.permute(1, 2, 3, 4, 0))
-            if shift:
-                blocks.diagonal(-shift, 0, 1).add_(sums.permute(3, 4, 1, 2, 0))
+    omega = out[:d, :d].view(c, k1, k2, c, k1, k2)
+    if k2 > k1:
+        _add_correlation(omega.permute(0, 2, 1, 3, 5, 4), x.transpose(2, 3), _transposed(geo),
+                         weights)
+    else:
+        _add_correlation(omega, x, geo, weights)
     if bias:
         total = x.sum(dim=0) if weights is None else torch.einsum("n,nchw->chw", weights, x)
         out[:d, d] = out[d, :d] = _kernel_windows(total, geo).flatten()
         out[d, d] = h_out * w_out * (n if weights is None else weights.sum())
     return out
+
+
+def _add_correlation(omega: Tensor, x: Tensor, geo: Geometry, weights: Tensor | None) -> None:
+    """Add ``Ω`` to ``omega``, a view ``[c, u₁, u₂, c', u₁', u₂']``, by the products ``M_Δ`` of
+    the module docstring, building ``Y`` for consecutive ranges of examples of at most about
+    ``CHUNK_ELEMENTS`` elements."""
+    n, c, height, _ = x.shape
+    (k1, k2), (s1, s2), (r1, r2), (h_out, w_out) = geo
+    blocks = omega.permute(1, 4, 2, 0, 5, 3)  # [u₁, u₁', u₂, c, u₂', c']
+    for part in example_ranges(n, height * k2 * c * w_out):
+        chunk = x[part] if weights is None else x[part] * weights[part].sqrt()[:, None, None, None]
+        chunk = chunk.contiguous()
+        columns = chunk.as_strided(  # x̃[n, c, h, s₂p₂ + r₂u₂]
+            (len(chunk), c, height, k2, w_out), (*chunk.stride()[:3], r2, s2))
+        y = columns.permute(2, 3, 1, 0, 4).contiguous().view(height, k2 * c, -1)
+        for shift in range(k1):  # Δ
+            offsets = k1 - shift  # the u₁ with u₁ + Δ in the kernel
+            rows = _extent(offsets, r1, s1, h_out)
+            product = torch.bmm(y[:rows], y[r1 * shift: r1 * shift + rows].transpose(1, 2))
+            sums = _window_sums(product, 0, offsets, r1, s1, h_out)
+            sums = sums.reshape(offsets, k2, c, k2, c)
+            blocks.diagonal(shift, 0, 1).add_(sums.permute(1, 2, 3, 4, 0))
+            if shift:
+                blocks.diagonal(-shift, 0, 1).add_(sums.permute(3, 4, 1, 2, 0))
 
 
 def patch_sq_norms(x: Tensor, geo: Geometry) -> Tensor:
@@ -82,10 +96,12 @@ def patch_sq_norms(x: Tensor, geo: Geometry) -> Tensor:
 
 def moment_flops(c: int, geo: Geometry) -> tuple[int, int]:
     """FLOPs per example of ``Ω`` for ``C = c`` channels: ``(by unfolding, by correlation)``
-    (see the module docstring)."""
-    (k1, k2), (s1, _), (r1, _), (h_out, w_out) = geo
-    rows = sum(_extent(k1 - shift, r1, s1, h_out) for shift in range(k1))
-    return 2 * h_out * w_out * (c * k1 * k2) ** 2, 2 * w_out * rows * (k2 * c) ** 2
+    (see the module docstring; the correlation runs along the longer kernel axis)."""
+    (k1, k2), _, _, (h_out, w_out) = geo
+    unfold = 2 * h_out * w_out * (c * k1 * k2) ** 2
+    (a1, a2), (s1, _), (r1, _), (rows_out, cols_out) = _transposed(geo) if k2 > k1 else geo
+    rows = sum(_extent(a1 - shift, r1, s1, rows_out) for shift in range(a1))
+    return unfold, 2 * cols_out * rows * (a2 * c) ** 2
 
 
 def correlation_is_cheaper(c: int, geo: Geometry) -> bool:
@@ -94,16 +110,22 @@ def correlation_is_cheaper(c: int, geo: Geometry) -> bool:
     return correlation < unfold
 
 
+def _transposed(geo: Geometry) -> Geometry:
+    """The geometry of the same convolution on the transposed image (height and width swapped)."""
+    return Geometry(*(pair[::-1] for pair in geo))
+
+
 def _extent(count: int, dilation: int, stride: int, out: int) -> int:
     """Input locations touched by ``count`` kernel offsets: ``r·(count-1) + s·(out-1) + 1``."""
     return dilation * (count - 1) + stride * (out - 1) + 1
 
 
-def _window_sums(m: Tensor, dim: int, starts: list[int], stride: int, count: int) -> Tensor:
-    """``Σ_{p<count} m[start + stride·p]`` along ``dim`` for every start; ``dim`` becomes the
-    starts. One product with the 0/1 matrix that selects each window."""
+def _window_sums(m: Tensor, dim: int, windows: int, spacing: int, stride: int,
+                 count: int) -> Tensor:
+    """``Σ_{p<count} m[spacing·j + stride·p]`` along ``dim`` for ``j < windows``; ``dim``
+    becomes ``j``. One product with the 0/1 matrix that selects each window."""
     offsets = (torch.arange(m.shape[dim], device=m.device)
-               - torch.tensor(starts, device=m.device)[:, None])
+               - spacing * torch.arange(windows, device=m.device)[:, None])
     select = (offsets >= 0) & (offsets < stride * count) & (offsets % stride == 0)
     return torch.tensordot(select.to(m.dtype), m.movedim(dim, 0), dims=1).movedim(0, dim)
 
@@ -112,5 +134,5 @@ def _kernel_windows(x: Tensor, geo: Geometry) -> Tensor:
     """``Σ_p x[..., s·p + r·u]`` for every kernel offset ``u``: ``(..., H, W)`` →
     ``(..., k₁, k₂)``."""
     (k1, k2), (s1, s2), (r1, r2), (h_out, w_out) = geo
-    x = _window_sums(x, -2, [r1 * u for u in range(k1)], s1, h_out)
-    return _window_sums(x, -1, [r2 * u for u in range(k2)], s2, w_out)
+    x = _window_sums(x, -2, k1, r1, s1, h_out)
+    return _window_sums(x, -1, k2, r2, s2, w_out)

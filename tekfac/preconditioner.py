@@ -375,8 +375,9 @@ class Preconditioner:
 
     def _update_bases(self, layers: list[KroneckerLayer]) -> None:
         """Eigendecompose both factors of ``layers``: in a process group split over ranks by
-        cost ``d³`` and shared; otherwise ('owner' mode: each rank its own layers) one layer
-        at a time, so that a layer's previous basis is freed before the next one is computed."""
+        cost ``d³`` and shared; otherwise (a single process, or 'owner' mode, where each rank
+        has its own layers) one layer at a time, so that a layer's previous basis is freed
+        before the next one is computed."""
         matrices = [m for la in layers for m in (self.states[la].factor_in,
                                                  self.states[la].factor_out)]
 

@@ -1,6 +1,7 @@
 """Per-example quantities of :class:`tekfac.capture.Examples` — the gradients ``D_i``, their
 squared norms (``δ``) and the corrected scaling — against per-example gradients taken by
-``torch.func`` (``vmap`` of ``grad``), for every branch of the cost-based choices."""
+``torch.func`` (``vmap`` of ``grad``), for every branch of the cost-based choices; and the
+output-side factors for every layout of the output gradients."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def case(request, monkeypatch):
     layer = KroneckerLayer("layer", module)
     xs = [torch.randn(5, *shape, dtype=torch.float64) for _ in range(calls)]
     gys = [torch.randn_like(module(x)) for x in xs]
-    g = torch.cat([layer.output_gradients(gy) for gy in gys], dim=1)
+    g = [layer.output_gradients(gy) for gy in gys]  # a convolution's: a transposed view
+    g = g[0] if calls == 1 else torch.cat(g, dim=1)  # as LayerBatch.examples builds it
     return Examples(layer, xs, g), reference_gradients(module, xs, gys)
 
 
@@ -76,3 +78,17 @@ def test_corrected_scaling_is_the_second_moment_in_the_basis(case):
     basis_out = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64))[0]
     expected = (basis_out.T @ d @ basis_in).square().mean(dim=0)
     torch.testing.assert_close(corrected_scaling(ex, basis_in, basis_out), expected)
+
+
+def test_output_side_factors(case):
+    """``Σ_i G_i G_iᵀ / N`` and its ``tr(A_i A_iᵀ)``-weighted form, whether ``g`` is contiguous
+    (Linear, several calls) or a convolution's transposed view with ``T ≥ d_out``
+    (per-example products) or ``T < d_out`` ("conv1d-gram": one product)."""
+    ex, _ = case
+    g, n = ex.g, ex.n
+    kfac = factors.kronecker_factors(ex)
+    torch.testing.assert_close(kfac.factor_out, torch.einsum("ntd,nte->de", g, g) / n)
+    tkfac = factors.trace_restricted_factors(ex, with_scale=False)
+    weights = ex.input_sq_norms()
+    torch.testing.assert_close(tkfac.factor_out,
+                               torch.einsum("n,ntd,nte->de", weights, g, g) / n)

@@ -45,13 +45,14 @@ def convs(draw):
     c_in = draw(st.integers(1, 3))
     kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 4))) if two_d else draw(
         st.integers(1, 4))
-    dilation = draw(st.integers(1, 2))
+    axes = 2 if two_d else 1  # stride and dilation drawn per spatial axis
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(axes))
     same = draw(st.booleans())
-    stride = 1 if same else draw(st.integers(1, 3))
+    stride = (1,) * axes if same else tuple(draw(st.integers(1, 3)) for _ in range(axes))
     padding = "same" if same else draw(st.integers(0, 2))
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    k_max = max(kernel) if two_d else kernel
-    size = draw(st.integers(dilation * (k_max - 1) + 3, 9))
+    reach = max(r * (k - 1) for r, k in zip(dilation, kernel if two_d else (kernel,)))
+    size = draw(st.integers(reach + 3, 9))
     conv = (nn.Conv2d if two_d else nn.Conv1d)(
         c_in, 2, kernel, stride=stride, padding=padding, dilation=dilation,
         bias=draw(st.booleans()), padding_mode=mode).double()
@@ -94,6 +95,12 @@ def test_correlation_is_chosen_where_it_needs_fewer_flops():
     assert rows == 80
     assert patch_moments.moment_flops(32, geo) == (2 * 196 * 800**2, 2 * 14 * rows * 160**2)
     assert patch_moments.correlation_is_cheaper(32, geo)
+    # the correlation runs along the longer kernel axis: a Conv1d gains as much as a k×1 kernel
+    tall, wide = (_padded(nn.Conv2d(32, 64, k), torch.zeros(1, 32, 17, 17))[1]
+                  for k in ((7, 1), (1, 7)))
+    assert patch_moments.moment_flops(32, tall) == patch_moments.moment_flops(32, wide)
+    assert patch_moments.correlation_is_cheaper(32, _padded(nn.Conv1d(32, 64, 5), torch.zeros(
+        1, 32, 100))[1])
     pointwise = nn.Conv2d(32, 64, 1)
     assert not patch_moments.correlation_is_cheaper(32, _padded(pointwise, torch.zeros(
         1, 32, 14, 14))[1])
