@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if flush:
             torch.set_flush_denormal(False)
-        if dist.is_initialized():
+        if dist.is_initialized():  # free the models and optimizers (hook cycles) first:
+            gc.collect()  # gloo work freed during interpreter shutdown can abort the process
             dist.destroy_process_group()
     return 0

@@ -56,7 +56,7 @@ class LayerReference:
         phi = (tr_gam[:, None, None] * lam).mean(0)
         psi = (tr_lam[:, None, None] * gam).mean(0)
         delta = self.D.square().sum(dim=(1, 2)).mean()
-        return phi / phi.trace(), psi / psi.trace(), delta
+        return _unit_trace(phi), _unit_trace(psi), delta
 
     def kfac_dense(self) -> Tensor:
         a, g = self.kfac_factors()
@@ -65,6 +65,13 @@ class LayerReference:
     def tkfac_dense(self) -> Tensor:
         phi, psi, delta = self.trace_restricted_factors()
         return delta * torch.kron(psi, phi)
+
+
+def _unit_trace(m: Tensor) -> Tensor:
+    """``m / tr m``; a zero matrix (a layer whose inputs or output gradients are all zero, e.g.
+    a strided convolution that reads only padding) stays zero."""
+    trace = m.trace()
+    return m / trace if trace > 0 else m
 
 
 def _layer_matrix_params(module: nn.Module) -> int:

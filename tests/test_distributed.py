@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 import traceback
 from pathlib import Path
@@ -54,7 +55,8 @@ def _entry(fn, rank, world, tmp, *args):
         (Path(tmp) / f"error{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # free DDP and the optimizers (hook cycles) while the
+            gc.collect()  # group is alive: gloo work freed at interpreter exit can abort
             dist.destroy_process_group()
 
 
