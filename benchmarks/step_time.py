@@ -222,7 +222,7 @@ def peak_memory_mb(task_name: str, optimizer: str, device: str,
     ``max_memory_allocated``, on CPU every allocation and free the profiler records."""
     options = dict(cov_update_freq=2, scale_update_freq=2, eigen_update_freq=4) \
         if optimizer in SECOND_ORDER else {}
-    gc.collect()  # the timed run's wrapped methods form reference cycles: free its tensors now
+    gc.collect()  # the timed run sits in reference cycles (hooks, wrapped methods): free it
 
     def train() -> None:
         task, model, x, y, opt = build(task_name, optimizer, device, batch, **options)

@@ -392,12 +392,11 @@ class Preconditioner:
         if self.owners is None and self.comm.active:  # every rank gets every basis
             owners = self.comm.assign([float(m.shape[0]) ** 3 for m in matrices])
             templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
-            results = self.comm.share(owners, compute, templates)
-            for k, layer in enumerate(layers):
-                self._install_basis(layer, *results[2 * k], *results[2 * k + 1])
-        else:
-            for k, layer in enumerate(layers):
-                self._install_basis(layer, *compute(2 * k), *compute(2 * k + 1))
+            results = iter(self.comm.share(owners, compute, templates))
+        else:  # computed lazily, as each layer installs its basis
+            results = (compute(i) for i in range(len(matrices)))
+        for layer in layers:
+            self._install_basis(layer, *next(results), *next(results))
 
     def _install_basis(self, layer: KroneckerLayer, eig_in: Tensor, basis_in: Tensor,
                        eig_out: Tensor, basis_out: Tensor) -> None:

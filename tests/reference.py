@@ -78,6 +78,13 @@ def _layer_matrix_params(module: nn.Module) -> int:
     return module.weight[0].numel() + (module.bias is not None)
 
 
+def layer_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Per-example ``[dW.flatten(1) | db]`` of shape ``(N, d_out, d_in)`` from ``(N, *W.shape)``
+    weight and ``(N, d_out)`` bias gradients (``None`` without a bias)."""
+    pieces = [weight.flatten(2)] + ([bias[..., None]] if bias is not None else [])
+    return torch.cat(pieces, dim=2)
+
+
 def layer_references(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_entropy",
                      reduction: str = "mean") -> dict[nn.Module, LayerReference]:
     """References for every Linear/Conv layer of ``model`` on the batch ``(x, y)``.
@@ -99,10 +106,7 @@ def layer_references(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_
     refs = {}
     for layer in layers:
         name = names[layer]
-        dw = per_example[f"{name}.weight"].flatten(2)
-        pieces = [dw] + ([per_example[f"{name}.bias"][..., None]] if layer.bias is not None
-                         else [])
-        d = torch.cat(pieces, dim=2)
+        d = layer_matrix(per_example[f"{name}.weight"], per_example.get(f"{name}.bias"))
         a_list, g_list = [], []
         for i in range(len(x)):
             a_i, g_i = _example_a_g(model, layer, x[i:i + 1], y[i:i + 1], loss_fn, reduction)

@@ -14,6 +14,7 @@ from tekfac import factors
 from tekfac.capture import Examples
 from tekfac.layers import KroneckerLayer
 from tekfac.scaling import corrected_scaling
+from tests.reference import layer_matrix
 
 #: (module, input shape per example, calls per forward); comments: the branches taken by
 #: δ (Gram or gradients) and by the corrected scaling (rotate D_i, or rotate a and g)
@@ -40,10 +41,7 @@ def reference_gradients(module: nn.Module, xs: list[torch.Tensor], gys: list[tor
                    for x, g in zip(x_i, gy_i))
 
     grads = vmap(grad(inner), in_dims=(None, 0, 0))(params, xs, gys)
-    d_out = module.weight.shape[0]
-    n = xs[0].shape[0]
-    return torch.cat([grads[k].reshape(n, d_out, -1) for k in ("weight", "bias") if k in grads],
-                     dim=2)
+    return layer_matrix(grads["weight"], grads.get("bias"))
 
 
 @pytest.fixture(params=list(CASES))
