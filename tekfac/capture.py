@@ -2,9 +2,12 @@
 
 While ``recording`` is on, every training-mode call of a tracked layer with gradients enabled
 is recorded as a :class:`Call`: its input, and either its output gradient from the user's
-backward (empirical Fisher, through a hook on the output) or its output, kept so that the
-sampled backward can differentiate it (MC Fisher). Nothing is recorded in eval mode, under
-``torch.no_grad``, or when recording is off.
+backward (empirical Fisher, through a hook on the output) or the output's gradient edge, so
+that the sampled backward can differentiate it (MC Fisher). The edge names the node that made
+the output, not the output itself: the output's memory is freed as soon as the graph no longer
+needs it, and an activation applied to it in place (``ReLU(inplace=True)``) does not change
+what is differentiated. Nothing is recorded in eval mode, under ``torch.no_grad``, or when
+recording is off.
 
 Calls are tagged with the model forward they belong to (a pre-hook on the model counts
 forwards). :meth:`Capture.batch` joins them per layer: calls of one forward are the same
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from tekfac import factors
 from tekfac.layers import KroneckerLayer
@@ -32,13 +36,13 @@ class Call:
     Attributes:
         forward: index of the model forward that made the call.
         inputs: the layer's detached input.
-        output: its output, still in the graph (MC Fisher, until the sampled backward).
+        edge: the gradient edge of its output (MC Fisher, until the sampled backward).
         grad: the gradient w.r.t. the output, once known.
     """
 
     forward: int
     inputs: Tensor
-    output: Tensor | None = None
+    edge: GradientEdge | None = None
     grad: Tensor | None = None
 
 
@@ -50,9 +54,9 @@ class Capture:
         calls: layer → its calls of this step, in order.
     """
 
-    def __init__(self, model: nn.Module, layers: list[KroneckerLayer], keep_outputs: bool):
+    def __init__(self, model: nn.Module, layers: list[KroneckerLayer], keep_edges: bool):
         self.recording = False
-        self.keep_outputs = keep_outputs
+        self.keep_edges = keep_edges
         self.calls: dict[KroneckerLayer, list[Call]] = {}
         self._forward = 0
         self._handles = [model.register_forward_pre_hook(self._count_forward)]
@@ -68,17 +72,17 @@ class Capture:
                     and output.requires_grad):
                 return
             call = Call(self._forward, args[0].detach())
-            if self.keep_outputs:
-                call.output = output
+            if self.keep_edges:
+                call.edge = get_gradient_edge(output)
             else:
                 output.register_hook(lambda grad: setattr(call, "grad", grad.detach()))
             self.calls.setdefault(layer, []).append(call)
 
         return forward_hook
 
-    def pending_outputs(self) -> list[Call]:
+    def pending(self) -> list[Call]:
         """Calls whose output still awaits the sampled backward (MC Fisher)."""
-        return [c for calls in self.calls.values() for c in calls if c.output is not None]
+        return [c for calls in self.calls.values() for c in calls if c.edge is not None]
 
     @property
     def has_inputs(self) -> bool:

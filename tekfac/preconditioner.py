@@ -110,7 +110,7 @@ class Preconditioner:
         self.layers = find_layers(self.model, exclude)
         self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
-        self.capture = Capture(self.model, self.layers, keep_outputs=self.config.fisher == "mc")
+        self.capture = Capture(self.model, self.layers, keep_edges=self.config.fisher == "mc")
         self.steps = 0
         self.seed = torch.initial_seed() if seed is None else seed
         self.comm = Communicator()
@@ -155,16 +155,16 @@ class Preconditioner:
         overlaps ``loss.backward()``; :meth:`update_curvature` waits for it.
         """
         c = self.config
-        pending = self.capture.pending_outputs() if c.fisher == "mc" else []
+        pending = self.capture.pending() if c.fisher == "mc" else []
         if pending:
             targets = sample_targets(c.loss, outputs, self._rng(outputs.device))
             sampled = sampled_loss(c.loss, outputs, targets, c.reduction) * self._loss_scale()
             if c.reduction == "mean":  # per-example gradients of this micro-batch
                 sampled = sampled * outputs.shape[0]
-            grads = torch.autograd.grad(sampled, [call.output for call in pending],
+            grads = torch.autograd.grad(sampled, [call.edge for call in pending],
                                         retain_graph=True, allow_unused=True)
             for call, grad in zip(pending, grads):
-                call.output, call.grad = None, None if grad is None else grad.detach()
+                call.edge, call.grad = None, None if grad is None else grad.detach()
             self._sampled = True
         if c.fisher == "mc" and self.statistics_due:
             forwards = {call.forward for call in pending}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -197,6 +198,40 @@ def test_mc_backward_leaves_the_true_gradient():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     calls = [c for cs in opt.preconditioner.capture.calls.values() for c in cs]
     assert len(calls) == 3 and all(c.grad is not None for c in calls)  # the sampled pass
+
+
+def test_mc_output_gradient_is_taken_before_an_in_place_activation():
+    """``ReLU(inplace=True)`` rewrites the layer's output; the sampled backward must still
+    give the gradient w.r.t. the layer's output (zero where the ReLU cut), as with
+    ``ReLU()``."""
+    def grads(inplace: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
+        opt = tekfac.KFAC(net, seed=3)
+        x, y = batch((5,), n=16)
+        out = net(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        return [c.grad for cs in opt.preconditioner.capture.calls.values() for c in cs]
+
+    copied, in_place = grads(False), grads(True)
+    assert (copied[0] == 0).any() and (copied[0] != 0).any()
+    for a, b in zip(copied, in_place, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mc_capture_does_not_keep_layer_outputs_alive():
+    """Until the sampled backward only the outputs' gradient edges are kept: an output the
+    graph does not save (Tanh saves its own result) is freed after the forward."""
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    opt = tekfac.KFAC(net)
+    outputs = []
+    net[0].register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+    x, y = batch((5,))
+    out = net(x)
+    assert outputs[0]() is None
+    opt.backward(F.cross_entropy(out, y), out)
+    assert all(c.grad is not None for cs in opt.preconditioner.capture.calls.values()
+               for c in cs)
 
 
 def test_sum_reduction_gives_the_same_statistics():
