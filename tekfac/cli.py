@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             from tekfac.bench.tune import main_tune
 
             path = main_tune(args.task, args.optimizers, args.epochs or 1,
-                             args.train_size or 20_000, args.data_dir, args.out,
+                             args.train_size or 20_000, args.batch_size, args.data_dir, args.out,
                              not args.progress, args.device, command)
             print(f"wrote {path}")
     except DataError as e:

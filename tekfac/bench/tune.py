@@ -102,11 +102,12 @@ def tune(task: Task, optimizers: list[str], epochs: int, train_size: int | None,
 
 
 def main_tune(task_name: str, optimizers: list[str], epochs: int, train_size: int | None,
-              data_dir: str | None, out: Path | None, quiet: bool, device: str,
-              command: str) -> Path:
+              batch_size: int, data_dir: str | None, out: Path | None, quiet: bool,
+              device: str, command: str) -> Path:
     """``tekfac tune``: tune and write the result file (merging with an existing one)."""
     task = TASKS[task_name]
-    result = tune(task, optimizers, epochs, train_size, data_dir, device=device, quiet=quiet)
+    result = tune(task, optimizers, epochs, train_size, data_dir, batch_size=batch_size,
+                  device=device, quiet=quiet)
     path = out or TUNED_DIR / f"{task_name}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is not None and old.get("budget") == result["budget"]:  # keep the others' trials

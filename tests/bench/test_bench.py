@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tekfac.bench import data as data_module
+from tekfac.bench import tune as tune_module
 from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS
 from tekfac.bench.report import SUMMARY_KEYS, plot, summarize, write_summary
 from tekfac.bench.runner import Split, run
@@ -134,6 +135,21 @@ def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4  # 2 optimizers × (epoch 0 + epoch 1)
     assert "| digits-mlp | tekfac |" in capsys.readouterr().out
+
+
+def test_cli_tune_uses_the_given_batch_size(tmp_path, monkeypatch):
+    batch_sizes = []
+
+    def recording_run(task, split, optimizer, hparams, seed, epochs, batch_size, *args, **kw):
+        batch_sizes.append(batch_size)
+        return run(task, split, optimizer, hparams, seed, epochs, batch_size, *args, **kw)
+
+    monkeypatch.setattr(tune_module, "run", recording_run)
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "--task", "digits-mlp", "--optimizers", "sgd", "--batch-size", "64",
+                 "--train-size", "256", "--out", str(out)]) == 0
+    assert batch_sizes == [64] * TRIALS
+    assert json.loads(out.read_text())["budget"]["batch_size"] == 64
 
 
 def test_cli_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, capsys):
