@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--resume", action="store_true",
                        help="continue the run in --out: keep its finished (task, optimizer, "
                        "seed) runs and train the others (the settings must be the same)")
+    bench.add_argument("--tuned", type=Path, default=None, metavar="DIR",
+                       help="read each task's hyper-parameters from DIR/<task>.json (as "
+                       "written by tekfac tune --out) instead of tekfac/bench/tuned/")
     bench.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     bench.add_argument("--nproc", type=int, default=1,
                        help="data-parallel processes on this machine (gloo on CPU, NCCL on "
@@ -90,6 +93,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but no CUDA GPU is available")
     if args.command == "bench":
+        tasks = args.tasks or PRESETS[args.preset]["tasks"]
+        missing = [t for t in tasks if not (args.tuned / f"{t}.json").is_file()] \
+            if args.tuned is not None else []
+        if missing:
+            parser.error(f"--tuned {str(args.tuned)!r} has no tuning file for "
+                         f"{', '.join(missing)} (expected <task>.json, from tekfac tune --out)")
         out = args.out
         if args.resume and (out is None or not (out / "runs.jsonl").is_file()):
             parser.error(f"--resume needs --out with the runs.jsonl of an earlier run; "
@@ -103,7 +112,7 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     from tekfac.bench.data import load_dataset
     from tekfac.bench.report import markdown_table, plot, write_summary
     from tekfac.bench.tasks import TASKS
-    from tekfac.bench.tune import load_hparams
+    from tekfac.bench.tune import TUNED_DIR, load_hparams
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     preset = PRESETS[args.preset]
@@ -113,7 +122,7 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / stamp
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, args.data_dir) for t in tasks}
-    hparams = {t: load_hparams(t) for t in tasks}
+    hparams = {t: load_hparams(t, args.tuned or TUNED_DIR) for t in tasks}
     world = dist.get_world_size() if dist.is_initialized() else 1
     settings = dict(tasks=tasks, optimizers=args.optimizers, seeds=list(seeds), epochs=epochs,
                     batch_size=args.batch_size, train_size=args.train_size,

@@ -54,11 +54,13 @@ def grid(task: str) -> dict[str, list[dict[str, float]]]:
     return TASK_GRIDS.get(task, GRIDS)
 
 
-def load_hparams(task: str) -> tuple[dict[str, dict[str, float]], str]:
-    """The tuned hyper-parameters of ``task`` and their source (the file), or the defaults."""
-    path = TUNED_DIR / f"{task}.json"
+def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
+    """The tuned hyper-parameters of ``task`` from ``folder/<task>.json`` and their source
+    (the file; its name only for the shipped folder), or the defaults if there is no file."""
+    path = folder / f"{task}.json"
     if path.is_file():
-        return json.loads(path.read_text())["chosen"], str(path.name)
+        return json.loads(path.read_text())["chosen"], str(path.name if folder == TUNED_DIR
+                                                           else path)
     return DEFAULT_HPARAMS, "defaults (no tuning file)"
 
 

@@ -107,6 +107,8 @@ def test_tuning_gives_every_optimizer_the_same_budget():
     (["bench", "--data-dir", "/nonexistent/tekfac"], "is not a directory"),
     (["bench", "--epochs", "0"], "--epochs must be at least 1"),
     (["tune", "--task", "nope"], "invalid choice: 'nope'"),
+    (["bench", "--tasks", "digits-mlp", "--tuned", "/nonexistent/tekfac"],
+     "has no tuning file for digits-mlp"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -150,6 +152,18 @@ def test_cli_tune_uses_the_given_batch_size(tmp_path, monkeypatch):
                  "--train-size", "256", "--out", str(out)]) == 0
     assert batch_sizes == [64] * TRIALS
     assert json.loads(out.read_text())["budget"]["batch_size"] == 64
+
+
+def test_cli_bench_reads_hyper_parameters_from_tuned_folder(tmp_path):
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "digits-mlp.json").write_text(json.dumps({"chosen": {"sgd": {"lr": 0.0123}}}))
+    out = tmp_path / "res"
+    assert main(["bench", "--preset", "smoke", "--epochs", "1", "--optimizers", "sgd",
+                 "--tuned", str(tuned), "--out", str(out), "--quiet"]) == 0
+    hparams = json.loads((out / "config.json").read_text())["hparams"]["digits-mlp"]
+    assert hparams == {"values": {"sgd": {"lr": 0.0123}},
+                       "source": str(tuned / "digits-mlp.json")}
 
 
 def test_cli_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, capsys):
