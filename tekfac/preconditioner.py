@@ -356,15 +356,12 @@ class Preconditioner:
                         ) -> set[KroneckerLayer]:
         """EMA of the globally averaged factors; returns the layers left unchanged."""
         kind = FACTOR_KINDS[self.config.factors]
-        skipped = set()
-        for layer in self.layers:
-            tensors, total = reduced.get(layer, (None, 0.0))
-            if total == 0:
-                skipped.add(layer)
-                continue
-            stats = kind.finalize(FactorStatistics(*tensors))
-            if not self._finite(layer, "statistics", *stats):
-                skipped.add(layer)
+        finalized = {layer: kind.finalize(FactorStatistics(*tensors))
+                     for layer, (tensors, total) in reduced.items() if total > 0}
+        skipped = {la for la in self.layers if la not in finalized}
+        skipped |= self._non_finite("statistics", finalized)
+        for layer, stats in finalized.items():
+            if layer in skipped:
                 continue
             state = self.states[layer]
             first = state.factor_in is None
@@ -418,11 +415,13 @@ class Preconditioner:
                           skipped: set[KroneckerLayer]) -> None:
         """EMA of the globally averaged corrected second moments (layers whose factor update
         was skipped keep their scaling)."""
-        for layer, ((estimate,), total) in reduced.items():
-            state = self.states[layer]
-            if layer in skipped or total == 0 or not self._finite(
-                    layer, "corrected scaling", estimate):
+        estimates = {layer: tensors for layer, (tensors, total) in reduced.items()
+                     if total > 0 and layer not in skipped}
+        bad = self._non_finite("corrected scaling", estimates)
+        for layer, (estimate,) in estimates.items():
+            if layer in bad:
                 continue
+            state = self.states[layer]
             state.scaling = estimate if state.scaling is None else self._ema(state.scaling,
                                                                               estimate)
 
@@ -440,11 +439,18 @@ class Preconditioner:
     def _ema(self, old: Tensor, new: Tensor) -> Tensor:
         return torch.lerp(new, old, self.config.stat_decay)
 
-    def _finite(self, layer: KroneckerLayer, what: str, *tensors: Tensor) -> bool:
-        if all(bool(torch.isfinite(t).all()) for t in tensors):
-            return True
-        self.warn_once(layer, f"non-finite {what}; skipping this update")
-        return False
+    def _non_finite(self, what: str, tensors: dict[KroneckerLayer, Sequence[Tensor]]
+                    ) -> set[KroneckerLayer]:
+        """The layers with a NaN or Inf in any of their ``tensors``, each warned about once;
+        one host synchronisation for all layers together."""
+        if not tensors:
+            return set()
+        finite = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all()
+                              for ts in tensors.values()]).tolist()
+        bad = {layer for layer, ok in zip(tensors, finite) if not ok}
+        for layer in bad:
+            self.warn_once(layer, f"non-finite {what}; skipping this update")
+        return bad
 
     def warn_once(self, where: KroneckerLayer | str, message: str) -> None:
         """Warn once per (layer or place, message)."""

@@ -52,6 +52,33 @@ def test_non_finite_batch_is_skipped_and_training_continues(method):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("method", ["kfac", "tekfac"])
+def test_only_the_layer_with_non_finite_statistics_is_skipped(method):
+    """NaN in the first layer's output gradient only: that layer keeps its state, the
+    second layer's statistics are still folded in."""
+    net, shape = tiny_net("mlp")
+    poison = {"on": False}
+
+    def nan_gradient(module, args, output):
+        output.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan"))
+                             if poison["on"] else g)
+
+    net[0].register_forward_hook(nan_gradient)  # before the optimizer's hook: it sees NaN
+    opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **EVERY)
+    step(net, opt, *batch(shape), mc=False)
+    state = snapshot(opt)
+    poison["on"] = True
+    with pytest.warns(RuntimeWarning) as record:
+        step(net, opt, *batch(shape), mc=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "layer '0': non-finite statistics" in messages and "layer '2'" not in messages
+    after = snapshot(opt)
+    for key, value in after["0"].items():
+        assert torch.equal(value, state["0"][key]), key
+    assert not torch.equal(after["2"]["factor_in"], state["2"]["factor_in"])
+    assert all(torch.isfinite(v).all() for v in after["2"].values())
+
+
 def test_warnings_are_given_once():
     net, shape = tiny_net("mlp")
     opt = tekfac.KFAC(net, fisher="empirical", **EVERY)
