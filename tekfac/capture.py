@@ -6,8 +6,9 @@ backward (empirical Fisher, through a hook on the output) or the output's gradie
 that the sampled backward can differentiate it (MC Fisher). The edge names the node that made
 the output, not the output itself: the output's memory is freed as soon as the graph no longer
 needs it, and an activation applied to it in place (``ReLU(inplace=True)``) does not change
-what is differentiated. Nothing is recorded in eval mode, under ``torch.no_grad``, or when
-recording is off.
+what is differentiated. When the output merely reshapes a tensor of the same call (see
+:func:`_differentiated`), hook and edge go on that tensor. Nothing is recorded in eval mode,
+under ``torch.no_grad``, or when recording is off.
 
 Calls are tagged with the model forward they belong to (a pre-hook on the model counts
 forwards). :meth:`Capture.batch` joins them per layer: calls of one forward are the same
@@ -36,14 +37,21 @@ class Call:
     Attributes:
         forward: index of the model forward that made the call.
         inputs: the layer's detached input.
+        shape: the shape of its output.
         edge: the gradient edge of its output (MC Fisher, until the sampled backward).
         grad: the gradient w.r.t. the output, once known.
     """
 
     forward: int
     inputs: Tensor
+    shape: torch.Size
     edge: GradientEdge | None = None
     grad: Tensor | None = None
+
+    def receive(self, grad: Tensor) -> None:
+        """Record the gradient of the differentiated tensor (see :func:`_differentiated`) as
+        the gradient w.r.t. the output."""
+        self.grad = grad.detach().view(self.shape)
 
 
 class Capture:
@@ -71,11 +79,12 @@ class Capture:
             if not (self.recording and module.training and torch.is_grad_enabled()
                     and output.requires_grad):
                 return
-            call = Call(self._forward, args[0].detach())
+            call = Call(self._forward, args[0].detach(), output.shape)
+            target = _differentiated(output)
             if self.keep_edges:
-                call.edge = get_gradient_edge(output)
+                call.edge = get_gradient_edge(target)
             else:
-                output.register_hook(lambda grad: setattr(call, "grad", grad.detach()))
+                target.register_hook(call.receive)
             self.calls.setdefault(layer, []).append(call)
 
         return forward_hook
@@ -193,6 +202,20 @@ class Examples:
         for part in factors.example_ranges(self.n, self.g.shape[1] * self.layer.d_in):
             yield torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1), \
                 self.g[part]
+
+
+def _differentiated(output: Tensor) -> Tensor:
+    """The tensor whose gradient is recorded for a layer's ``output``: the output itself, or
+    the tensor it merely reshapes (same memory, same order), as ``nn.Linear`` returns for
+    inputs of more than two dimensions or of one, and a convolution for unbatched inputs. An
+    in-place op on such a view (``ReLU(inplace=True)``) takes the view off the graph's path,
+    so that its own hook or edge would receive no gradient; its base's still receive the
+    gradient w.r.t. the layer's output."""
+    base = output._base
+    if (base is not None and base.numel() == output.numel() and base.is_contiguous()
+            and output.is_contiguous() and base.data_ptr() == output.data_ptr()):
+        return base
+    return output
 
 
 def _examples(call: Call) -> int:

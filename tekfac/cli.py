@@ -93,12 +93,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but no CUDA GPU is available")
     if args.command == "bench":
-        tasks = args.tasks or PRESETS[args.preset]["tasks"]
-        missing = [t for t in tasks if not (args.tuned / f"{t}.json").is_file()] \
-            if args.tuned is not None else []
-        if missing:
-            parser.error(f"--tuned {str(args.tuned)!r} has no tuning file for "
-                         f"{', '.join(missing)} (expected <task>.json, from tekfac tune --out)")
+        if args.tuned is not None:
+            _check_tuned(parser, args.tuned, args.tasks or PRESETS[args.preset]["tasks"],
+                         args.optimizers)
         out = args.out
         if args.resume and (out is None or not (out / "runs.jsonl").is_file()):
             parser.error(f"--resume needs --out with the runs.jsonl of an earlier run; "
@@ -106,6 +103,25 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not args.resume and out is not None and (out / "runs.jsonl").exists():
             parser.error(f"--out {str(out)!r} already holds results; pass --resume to continue "
                          "that run, or choose another folder")
+
+
+def _check_tuned(parser: argparse.ArgumentParser, folder: Path, tasks: list[str],
+                 optimizers: list[str]) -> None:
+    """``--tuned DIR`` must hold ``<task>.json`` with values for every optimizer asked for."""
+    for task in tasks:
+        path = folder / f"{task}.json"
+        if not path.is_file():
+            parser.error(f"--tuned {str(folder)!r} has no tuning file for {task} (expected "
+                         f"{task}.json, from tekfac tune --out)")
+        try:
+            chosen = json.loads(path.read_text())["chosen"]
+        except (ValueError, KeyError, TypeError):
+            parser.error(f"{path} is not a tuning file (no 'chosen' values); write it with "
+                         "tekfac tune --out")
+        missing = [o for o in optimizers if o not in chosen]
+        if missing:
+            parser.error(f"{path} has no values for {', '.join(missing)}; tune them (tekfac "
+                         "tune --optimizers ...) or leave them out with --optimizers")
 
 
 def _bench(args: argparse.Namespace, command: str) -> None:

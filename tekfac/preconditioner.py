@@ -164,7 +164,9 @@ class Preconditioner:
             grads = torch.autograd.grad(sampled, [call.edge for call in pending],
                                         retain_graph=True, allow_unused=True)
             for call, grad in zip(pending, grads):
-                call.edge, call.grad = None, None if grad is None else grad.detach()
+                call.edge = None
+                if grad is not None:
+                    call.receive(grad)
             self._sampled = True
         if c.fisher == "mc" and self.statistics_due:
             forwards = {call.forward for call in pending}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
-from tests.conftest import batch, tiny_net, train
+from tests.conftest import MeanOverSequence, batch, tiny_net, train
 
 OPTIMIZERS = {"kfac": tekfac.KFAC, "ekfac": tekfac.EKFAC, "tkfac": tekfac.TKFAC,
               "tekfac": tekfac.TEKFAC}
@@ -200,20 +200,25 @@ def test_mc_backward_leaves_the_true_gradient():
     assert len(calls) == 3 and all(c.grad is not None for c in calls)  # the sampled pass
 
 
-def test_mc_output_gradient_is_taken_before_an_in_place_activation():
-    """``ReLU(inplace=True)`` rewrites the layer's output; the sampled backward must still
-    give the gradient w.r.t. the layer's output (zero where the ReLU cut), as with
-    ``ReLU()``."""
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+@pytest.mark.parametrize("shape", [(5,), (4, 5)])  # (4, 5): Linear returns a view
+def test_output_gradient_is_taken_before_an_in_place_activation(fisher, shape):
+    """``ReLU(inplace=True)`` rewrites the layer's output (for inputs of more than two
+    dimensions a view of ``nn.Linear``'s result); the recorded gradient must still be the one
+    w.r.t. the layer's output (zero where the ReLU cut), as with ``ReLU()``."""
     def grads(inplace: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
-        opt = tekfac.KFAC(net, seed=3)
-        x, y = batch((5,), n=16)
+        net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3),
+                            *([MeanOverSequence()] if len(shape) > 1 else [])).double()
+        opt = tekfac.KFAC(net, seed=3, fisher=fisher)
+        x, y = batch(shape, n=16)
         out = net(x)
-        opt.backward(F.cross_entropy(out, y), out)
+        loss = F.cross_entropy(out, y)
+        opt.backward(loss, out) if fisher == "mc" else loss.backward()
         return [c.grad for cs in opt.preconditioner.capture.calls.values() for c in cs]
 
     copied, in_place = grads(False), grads(True)
+    assert copied[0].shape == (16, *shape[:-1], 6)
     assert (copied[0] == 0).any() and (copied[0] != 0).any()
     for a, b in zip(copied, in_place, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

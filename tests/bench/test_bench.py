@@ -166,6 +166,19 @@ def test_cli_bench_reads_hyper_parameters_from_tuned_folder(tmp_path):
                        "source": str(tuned / "digits-mlp.json")}
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ({"chosen": {"sgd": {"lr": 0.1}}}, "has no values for tekfac"),
+    (["not", "a", "tuning", "file"], "is not a tuning file"),
+])
+def test_cli_bench_rejects_incomplete_tuning_file(tmp_path, capsys, content, message):
+    (tmp_path / "digits-mlp.json").write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--preset", "smoke", "--optimizers", "sgd", "tekfac",
+              "--tuned", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_cli_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["bench", "--preset", "smoke", "--epochs", "1", "--seeds", "2", "--optimizers",
