@@ -356,13 +356,20 @@ class Preconditioner:
 
     def _update_factors(self, reduced: dict[KroneckerLayer, tuple[list[Tensor], float]]
                         ) -> set[KroneckerLayer]:
-        """EMA of the globally averaged factors; returns the layers left unchanged."""
+        """EMA of the globally averaged factors; returns the layers left unchanged. Each
+        layer's statistics are dropped from ``reduced`` once finalised, and from the
+        finalised ones once folded in, so that at most one extra copy of the factors is
+        alive at a time."""
         kind = FACTOR_KINDS[self.config.factors]
-        finalized = {layer: kind.finalize(FactorStatistics(*tensors))
-                     for layer, (tensors, total) in reduced.items() if total > 0}
+        finalized = {}
+        for layer in list(reduced):
+            tensors, total = reduced.pop(layer)
+            if total > 0:
+                finalized[layer] = kind.finalize(FactorStatistics(*tensors))
         skipped = {la for la in self.layers if la not in finalized}
         skipped |= self._non_finite("statistics", finalized)
-        for layer, stats in finalized.items():
+        for layer in list(finalized):
+            stats = finalized.pop(layer)
             if layer in skipped:
                 continue
             state = self.states[layer]
