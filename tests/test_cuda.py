@@ -1,0 +1,39 @@
+"""The same code paths on a CUDA device: skipped where there is no GPU (as in CI).
+
+Each optimizer trains a copy of one network on the CPU and on the GPU from the same start;
+the parameters must agree, and every curvature tensor must live on the GPU (eigendecompositions
+included: nothing is sent back to the host).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tekfac
+import tekfac.preconditioner
+from tests.conftest import argmax_labels, batch, tiny_net, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+FAST = dict(cov_update_freq=1, eigen_update_freq=2, scale_update_freq=1)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_cuda_training_matches_cpu(method, kind, fisher, monkeypatch):
+    # a deterministic label 'sampler', so that both devices draw the same MC labels
+    monkeypatch.setattr(tekfac.preconditioner, "sample_targets", argmax_labels)
+    net, shape = tiny_net(kind)
+    twin = copy.deepcopy(net).cuda()
+    batches = [batch(shape) for _ in range(4)]
+    opts = [tekfac.KroneckerOptimizer(m, method, lr=0.1, momentum=0.9, fisher=fisher, **FAST)
+            for m in (net, twin)]
+    train(net, opts[0], batches, mc=fisher == "mc")
+    train(twin, opts[1], [(x.cuda(), y.cuda()) for x, y in batches], mc=fisher == "mc")
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-6, atol=1e-9)
+    layers = opts[1].preconditioner.state_dict()["layers"]
+    assert all(t.device.type == "cuda" for state in layers.values() for t in state.values())
