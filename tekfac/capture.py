@@ -51,7 +51,7 @@ class Call:
     def receive(self, grad: Tensor) -> None:
         """Record the gradient of the differentiated tensor (see :func:`_differentiated`) as
         the gradient w.r.t. the output."""
-        self.grad = grad.detach().view(self.shape)
+        self.grad = grad.detach().reshape(self.shape)
 
 
 class Capture:

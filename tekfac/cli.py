@@ -116,6 +116,8 @@ def _check_tuned(parser: argparse.ArgumentParser, folder: Path, tasks: list[str]
         try:
             chosen = json.loads(path.read_text())["chosen"]
         except (ValueError, KeyError, TypeError):
+            chosen = None
+        if not isinstance(chosen, dict):
             parser.error(f"{path} is not a tuning file (no 'chosen' values); write it with "
                          "tekfac tune --out")
         missing = [o for o in optimizers if o not in chosen]

@@ -450,16 +450,18 @@ class Preconditioner:
 
     def _non_finite(self, what: str, tensors: dict[KroneckerLayer, Sequence[Tensor]]
                     ) -> set[KroneckerLayer]:
-        """The layers with a NaN or Inf in any of their ``tensors``, each warned about once;
-        one host synchronisation for all layers together."""
+        """The layers with a NaN or Inf in any of their ``tensors``, each warned about once (in
+        the order of ``tensors``); one host synchronisation for all layers together (the
+        layers' flags are gathered on the first layer's device)."""
         if not tensors:
             return set()
-        finite = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all()
-                              for ts in tensors.values()]).tolist()
-        bad = {layer for layer, ok in zip(tensors, finite) if not ok}
+        flags = [torch.stack([torch.isfinite(t).all() for t in ts]).all()
+                 for ts in tensors.values()]
+        finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        bad = [layer for layer, ok in zip(tensors, finite) if not ok]
         for layer in bad:
             self.warn_once(layer, f"non-finite {what}; skipping this update")
-        return bad
+        return set(bad)
 
     def warn_once(self, where: KroneckerLayer | str, message: str) -> None:
         """Warn once per (layer or place, message)."""

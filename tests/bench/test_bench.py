@@ -169,6 +169,7 @@ def test_cli_bench_reads_hyper_parameters_from_tuned_folder(tmp_path):
 @pytest.mark.parametrize(("content", "message"), [
     ({"chosen": {"sgd": {"lr": 0.1}}}, "has no values for tekfac"),
     (["not", "a", "tuning", "file"], "is not a tuning file"),
+    ({"chosen": "sgd tekfac"}, "is not a tuning file"),
 ])
 def test_cli_bench_rejects_incomplete_tuning_file(tmp_path, capsys, content, message):
     (tmp_path / "digits-mlp.json").write_text(json.dumps(content))
