@@ -7,10 +7,11 @@ Each configuration trains the task's model on synthetic inputs with a global bat
 step each) of the block's mean step time, the tekfac statistics/eigenbasis bytes each rank put
 into collectives per step (``Communicator.bytes_sent``), and DDP's gradient all-reduce payload
 (the parameters' bytes, every step), and the time per step that rank 0 blocks waiting for
-the statistics all-reduces (``PendingMean.wait``; with the MC Fisher they are launched in
-``backward()`` and overlap ``loss.backward()``). Eigendecompositions run every 100 steps as
-by default, so ``--steps`` ≥ 100 includes one refresh per 100 steps. Both process counts share this
-machine's cores, so the 2-process time shows overhead, not speed-up, on a 2-core machine.
+the statistics all-reduces (``Communicator.wait_s``, the time spent in ``PendingMean.wait``;
+with the MC Fisher they are launched in ``backward()`` and overlap ``loss.backward()``).
+Eigendecompositions run every 100 steps as by default, so ``--steps`` ≥ 100 includes one
+refresh per 100 steps. Both process counts share this machine's cores, so the 2-process time
+shows overhead, not speed-up, on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -26,34 +27,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tekfac.bench.data import INPUT_SHAPES
 from tekfac.bench.optimizers import backward, make_optimizer
 from tekfac.bench.tasks import TASKS
-from tekfac.distributed import PendingMean
 
-SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 CONFIGS = [("sgd", "replicated"), ("kfac", "replicated"), ("kfac", "owner"),
            ("tekfac", "replicated")]
 
 
-def timed_waits() -> list[float]:
-    """Record the seconds of every ``PendingMean.wait`` in the returned list."""
-    waits: list[float] = []
-    wait = PendingMean.wait
-
-    def timed(self):
-        start = time.perf_counter()
-        try:
-            return wait(self)
-        finally:
-            waits.append(time.perf_counter() - start)
-
-    PendingMean.wait = timed
-    return waits
-
-
 def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    waits = timed_waits()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -68,14 +51,13 @@ def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) 
                              task.weight_decay, **options)
         gen = torch.Generator().manual_seed(rank)
         local = 128 // world
-        x = torch.rand(local, *SHAPES[task.dataset], generator=gen)
+        x = torch.rand(local, *INPUT_SHAPES[task.dataset], generator=gen)
         y = torch.randint(0, 10, (local,), generator=gen)
         times = []
         comm = getattr(getattr(opt, "preconditioner", None), "comm", None)
         for i in range(10 + steps):
             if i == 10 and comm is not None:
-                comm.bytes_sent = 0
-                waits.clear()
+                comm.bytes_sent, comm.wait_s = 0, 0.0
             start = time.perf_counter()
             outputs = net(task.inputs(x))
             loss = task.loss_fn(outputs, task.targets(x, y))
@@ -90,8 +72,7 @@ def worker(rank: int, world: int, port: int, task_name: str, steps: int, queue) 
             step_ms=1e3 * statistics.median(blocks),
             tekfac_bytes_per_step=(comm.bytes_sent / steps) if comm is not None else 0.0,
             ddp_bytes_per_step=grad_bytes if world > 1 else 0,
-            wait_ms_per_step=1e3 * sum(waits) / steps)
-        waits.clear()
+            wait_ms_per_step=(1e3 * comm.wait_s / steps) if comm is not None else 0.0)
         if hasattr(opt, "preconditioner"):
             opt.preconditioner.remove_hooks()
     if rank == 0:
@@ -120,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--task", default="fmnist-cnn",
-                        choices=[t for t in TASKS if TASKS[t].dataset in SHAPES])
+                        choices=[t for t in TASKS if TASKS[t].dataset != "digits"])
     args = parser.parse_args()
     results = {world: measure(world, args.task, args.steps) for world in (1, 2)}
     print(f"{args.task}: global batch 128, {args.steps} measured steps, gloo on "

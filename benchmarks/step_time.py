@@ -10,10 +10,13 @@ reports, in milliseconds per step amortised at the default update frequencies (s
 
 * ``step_ms``: per round, the median over blocks of 10 consecutive steps (each block holds one
   statistics step) of the block's mean, plus the separately timed eigendecomposition / 100;
-  the median over rounds;
+  the median over rounds (the timed steps run without the profiler);
 * ``ratio_vs_sgd``: the median over rounds of ``step_ms`` divided by SGD's of the same round;
 * a breakdown: forward, backward (with the MC sampled backward), statistics (collecting and
-  the factor update), eigendecomposition, scaling update, preconditioning, parameter step;
+  the factor update), eigendecomposition, scaling update, preconditioning, parameter step,
+  read from the library's named profiler ranges (:mod:`tekfac.profiling`) in a profiled
+  warm-up of ``2·COV`` steps that precedes the timed steps: every phase from its last ``COV``
+  steps, the eigendecomposition from its first step (amortised over ``EIGEN`` steps);
 * ``floor_ratio``: the predicted ratio to SGD if every step did only the arithmetic the method
   cannot avoid — SGD's ``6·N·T·d_in·d_out`` FLOPs per layer (forward, input and weight
   gradients; the first layer has no input gradient) plus rotating the gradient into and out of
@@ -36,53 +39,29 @@ import os
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
-import tekfac
-from tekfac.bench.data import DataError, load_dataset
+from tekfac.bench.data import INPUT_SHAPES, DataError, load_dataset
 from tekfac.bench.optimizers import OPTIMIZERS, SECOND_ORDER, backward, make_optimizer
 from tekfac.bench.tasks import TASKS
+from tekfac.layers import is_supported, make_layer
+from tekfac.profiling import STAGES
 
-SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
-          "digits": (1, 8, 8)}
 COV, EIGEN = 10, 100
 BATCH = 128
 PHASES = ("forward", "backward", "statistics", "eigendecomposition", "scaling",
           "preconditioning", "parameter step")
-#: the phases timed inside the optimizer's backward() and step(), by method name
-INNER = {"_collect": "statistics", "_factor_statistics": "statistics",
-         "_update_factors": "statistics", "_update_bases": "eigendecomposition",
-         "_corrected_statistics": "scaling", "_update_corrected": "scaling",
-         "directions": "preconditioning"}
+#: the library's stages timed inside the benchmark's backward and step ranges ("update", the
+#: KL clip and momentum step, belongs to the parameter step)
+INNER = tuple(s for s in STAGES if s != "update")
 
 
-class Timer:
-    """Accumulates wall time per phase (CUDA-synchronised)."""
-
-    def __init__(self, device: str):
-        self.totals: dict[str, float] = defaultdict(float)
-        self.cuda = device.startswith("cuda")
-
-    def wrap(self, obj, name: str, phase: str) -> None:
-        fn = getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.totals[phase] += time.perf_counter() - start
-
-        setattr(obj, name, timed)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -91,10 +70,10 @@ def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int,
     convolution where cheaper, by spatial correlation: see :mod:`tekfac.patch_moments`)."""
     shapes, hooks = [], []
     for m in model.modules():
-        if tekfac.layers.is_supported(m):
+        if is_supported(m):
             def hook(mod, args, out, m=m):
                 t = out[0].numel() // out.shape[1] if out.dim() > 2 else 1
-                layer = tekfac.layers.KroneckerLayer("", m)
+                layer = make_layer("", m)
                 shapes.append((t, layer.d_in, layer.d_out, layer.input_moment_flops(args[0][:1])))
             hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
@@ -135,13 +114,8 @@ def sample_batch(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
         return data.train_x[:BATCH], data.train_y[:BATCH]
     except DataError:
         gen = torch.Generator().manual_seed(0)
-        return (torch.rand(BATCH, *SHAPES[dataset], generator=gen),
+        return (torch.rand(BATCH, *INPUT_SHAPES[dataset], generator=gen),
                 torch.randint(0, 10, (BATCH,), generator=gen))
-
-
-def inner(timer: Timer) -> float:
-    """Seconds spent so far in the optimizer's inner phases."""
-    return sum(timer.totals[p] for p in set(INNER.values()))
 
 
 def build(task_name: str, optimizer: str, device: str, batch: tuple[torch.Tensor, torch.Tensor],
@@ -157,58 +131,82 @@ def build(task_name: str, optimizer: str, device: str, batch: tuple[torch.Tensor
     return task, model, x, y, opt
 
 
-def measure(task_name: str, optimizer: str, steps: int, device: str, memory: bool = True,
-            queue=None) -> dict:
-    """Train ``steps`` measured steps (after a warm-up of 10) on one batch; then, if
-    ``memory``, measure the peak memory (:func:`peak_memory_mb`)."""
-    batch = sample_batch(TASKS[task_name].dataset)
-    task, model, x, y, opt = build(task_name, optimizer, device, batch)
-    timer = Timer(device)
-    pre = getattr(opt, "preconditioner", None)
-    if pre is not None:
-        for name, phase in INNER.items():
-            timer.wrap(pre, name, phase)
-    step_times = []
-    for i in range(10 + steps):
-        if i == 10:
-            timer.totals.clear()
-        timer.sync()
-        start = time.perf_counter()
+def train_step(task, model, x, y, opt) -> None:
+    """One training step, its forward, backward and optimizer step in named ranges."""
+    with record_function("bench.forward"):
         out = model(task.inputs(x))
         loss = task.loss_fn(out, task.targets(x, y))
-        timer.sync()
-        t_fwd, in_fwd = time.perf_counter(), inner(timer)
-        opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
+    with record_function("bench.backward"):
         backward(opt, loss, out)  # the MC statistics are computed in here
-        timer.sync()
-        t_bwd, in_bwd = time.perf_counter(), inner(timer)
+    with record_function("bench.step"):
         opt.step()
-        timer.sync()
-        end = time.perf_counter()
-        if i >= 10:
-            step_times.append(end - start)
-            timer.totals["forward"] += t_fwd - start
-            timer.totals["backward"] += t_bwd - t_fwd - (in_bwd - in_fwd)
-            timer.totals["parameter step"] += end - t_bwd - (inner(timer) - in_bwd)
-    eigen_ms = 0.0
-    if pre is not None:  # one more (warm) refresh of every basis, amortised over EIGEN steps
-        timer.totals["eigendecomposition"] = 0.0
-        pre._update_bases(pre.layers)
-        eigen_ms = 1e3 * timer.totals["eigendecomposition"]
+
+
+def breakdown(events: list, steps: int) -> tuple[dict[str, float], float]:
+    """Milliseconds per step of each phase from the profiler ``events`` of ``steps`` steps run
+    by :func:`train_step`, and the total of the eigendecomposition ranges: the library's
+    stages by their ranges; the backward and the parameter step by the benchmark's ranges
+    less the stages inside them."""
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in events
+             if e.name.startswith(("bench.", "tekfac."))]
+    total = {p: 0.0 for p in PHASES}
+    for name, start, end in spans:
+        if name.startswith("tekfac.") and name[7:] in INNER:
+            total[name[7:]] += end - start
+    outer = {"bench.forward": "forward", "bench.backward": "backward",
+             "bench.step": "parameter step"}
+    for name, start, end in spans:
+        if name in outer:
+            inside = sum(e - s for n, s, e in spans
+                         if n.startswith("tekfac.") and n[7:] in INNER and start <= s < end)
+            total[outer[name]] += end - start - inside
+    eigen_ms = 1e-3 * total.pop("eigendecomposition")
+    return {p: 1e-3 * v / steps for p, v in total.items()}, eigen_ms
+
+
+def measure(task_name: str, optimizer: str, steps: int, device: str, memory: bool = True,
+            queue=None) -> dict:
+    """Run ``2·COV`` profiled warm-up steps (for the breakdown), then time ``steps`` steps on
+    one batch; then, if ``memory``, measure the peak memory (:func:`peak_memory_mb`)."""
+    batch = sample_batch(TASKS[task_name].dataset)
+    task, model, x, y, opt = build(task_name, optimizer, device, batch)
+    torch.linalg.eigh(torch.eye(8, device=device))  # load the solver before the profiled run
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2 * COV):  # the first step holds the first eigendecomposition
+            train_step(task, model, x, y, opt)
+        sync(device)
+    events = [e for e in prof.events() if e.name.startswith(("bench.", "tekfac."))]
+    _, eigen_ms = breakdown(_step_events(events, 0, 1), 1)
+    phases, _ = breakdown(_step_events(events, COV, 2 * COV), COV)
+    step_times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        train_step(task, model, x, y, opt)
+        sync(device)
+        step_times.append(time.perf_counter() - start)
     blocks = [statistics.fmean(step_times[i:i + COV]) for i in range(0, steps - COV + 1, COV)]
     shapes = layer_shapes(model, x[:2])
     result = {
         "floor_ratio": floor_flops(optimizer, shapes) / floor_flops("sgd", shapes),
         "step_ms": 1e3 * statistics.median(blocks) + eigen_ms / EIGEN,
-        "breakdown_ms": {p: 1e3 * timer.totals[p] / steps for p in PHASES},
+        "breakdown_ms": {**phases, "eigendecomposition": eigen_ms / EIGEN},
     }
-    result["breakdown_ms"]["eigendecomposition"] = eigen_ms / EIGEN
-    del model, opt, pre, timer  # not counted by the memory run
+    del model, opt  # not counted by the memory run
     if memory:
         result["peak_mb"] = peak_memory_mb(task_name, optimizer, device, batch)
     if queue is not None:
         queue.put(result)
     return result
+
+
+def _step_events(events: list, first: int, last: int) -> list:
+    """The ranges of steps ``first`` to ``last - 1`` (each step opens one ``bench.forward``)."""
+    starts = sorted(e.time_range.start for e in events if e.name == "bench.forward")
+    low = starts[first]
+    high = starts[last] if last < len(starts) else float("inf")
+    return [e for e in events if low <= e.time_range.start < high]
 
 
 def peak_memory_mb(task_name: str, optimizer: str, device: str,
@@ -222,7 +220,7 @@ def peak_memory_mb(task_name: str, optimizer: str, device: str,
     ``max_memory_allocated``, on CPU every allocation and free the profiler records."""
     options = dict(cov_update_freq=2, scale_update_freq=2, eigen_update_freq=4) \
         if optimizer in SECOND_ORDER else {}
-    gc.collect()  # the timed run sits in reference cycles (hooks, wrapped methods): free it
+    gc.collect()  # the timed run sits in reference cycles (hooks): free it
 
     def train() -> None:
         task, model, x, y, opt = build(task_name, optimizer, device, batch, **options)

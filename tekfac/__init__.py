@@ -1,6 +1,6 @@
 """tekfac: Kronecker-factored second-order optimizers (KFAC, EKFAC, TKFAC, TEKFAC) for PyTorch.
 
-See DESIGN.md for the mathematics; :class:`KroneckerOptimizer` for the update rule.
+See docs/design.md for the mathematics; :class:`KroneckerOptimizer` for the update rule.
 """
 
 from tekfac import distributed

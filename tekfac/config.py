@@ -1,6 +1,7 @@
-"""Validated configuration of the curvature estimate shared by all four methods.
+"""Validated configuration of the curvature estimate shared by all four methods, and the
+argument checks every constructor of the package uses.
 
-A method is a pair of strategies (DESIGN.md §2): which factors give the eigenbasis
+A method is a pair of strategies (docs/design.md §2): which factors give the eigenbasis
 (``"kronecker"`` or ``"trace_restricted"``) and which diagonal scales it (``"kronecker"``
 eigenvalues or ``"corrected"`` second moments). :data:`METHODS` names the four pairs.
 """
@@ -8,20 +9,19 @@ eigenvalues or ``"corrected"`` second moments). :data:`METHODS` names the four p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from tekfac.factors import FACTOR_KINDS as _FACTOR_KINDS
+from tekfac.damping import DAMPING_KINDS
+from tekfac.factors import FACTOR_KINDS
+from tekfac.fisher import FISHER_KINDS, LIKELIHOODS
+from tekfac.scaling import SCALING_KINDS
 
-FACTOR_KINDS = tuple(_FACTOR_KINDS)  # one source: the kinds tekfac.factors implements
-SCALING_KINDS = ("kronecker", "corrected")
-DAMPING_TYPES = ("eigenvalue", "pi", "trace_relative")
-FISHER_TYPES = ("mc", "empirical")
-LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 REDUCTIONS = ("mean", "sum")
 
-#: method name -> (factor kind, scaling kind); DESIGN.md §2 table.
+#: method name -> (factor kind, scaling kind); docs/design.md §2 table.
 METHODS: dict[str, tuple[str, str]] = {
     "kfac": ("kronecker", "kronecker"),
     "ekfac": ("kronecker", "corrected"),
@@ -30,24 +30,40 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
+    """``ValueError`` unless ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(allowed)}")
 
 
-def _positive_int(name: str, value: object) -> None:
+def check_positive_int(name: str, value: object) -> None:
+    """``ValueError`` unless ``value`` is an integer ≥ 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
 
 
-def _number(name: str, value: object, low: float, high: float = float("inf"),
-            low_open: bool = False) -> None:
+def check_number(name: str, value: object, low: float, high: float = float("inf"), *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """``TypeError`` unless ``value`` is a real number (a bool is not); ``ValueError`` unless
+    it lies in the interval from ``low`` to ``high`` (NaN never does)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r}; expected a number")
     too_low = value <= low if low_open else value < low
-    if too_low or value > high or value != value:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"Invalid {name}: {value!r}; expected a value in {bracket}{low}, {high}]")
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or value != value:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r}; expected a value in {interval}")
+
+
+def check_instance(name: str, value: object, kind: type | tuple[type, ...], expected: str,
+                   optional: bool = False) -> None:
+    """``TypeError`` unless ``value`` is a ``kind`` (or ``None`` if ``optional``); a bool is
+    no int here."""
+    if optional and value is None:
+        return
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise TypeError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,13 +72,13 @@ class CurvatureConfig:
 
     Args:
         factors: ``"kronecker"`` (KFAC factors ``A, G``) or ``"trace_restricted"``
-            (``Φ, Ψ, δ`` of TKFAC), DESIGN.md §2(a).
+            (``Φ, Ψ, δ`` of TKFAC), docs/design.md §2(a).
         scaling: ``"kronecker"`` (products of factor eigenvalues) or ``"corrected"``
-            (EKFAC second moments in the eigenbasis), DESIGN.md §2(b).
+            (EKFAC second moments in the eigenbasis), docs/design.md §2(b).
         damping: λ for ``"eigenvalue"`` and ``"pi"`` damping, γ for ``"trace_relative"``.
         damping_type: ``"eigenvalue"`` (``1/(S+λ)``), ``"pi"`` (factored Tikhonov damping of
             Martens & Grosse 2015, Kronecker scaling only) or ``"trace_relative"``
-            (``λ_l = max(γ·tr(F̂_l)/p_l, damping_floor)``), DESIGN.md §3.
+            (``λ_l = max(γ·tr(F̂_l)/p_l, damping_floor)``), docs/design.md §3.
         damping_floor: lower bound of the trace-relative damping (ignored otherwise).
         fisher: ``"mc"`` (true Fisher, labels sampled from the model) or ``"empirical"``.
         loss: the training loss, which fixes the MC sampling distribution: ``"cross_entropy"``
@@ -93,24 +109,22 @@ class CurvatureConfig:
     factor_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        _choice("factors", self.factors, FACTOR_KINDS)
-        _choice("scaling", self.scaling, SCALING_KINDS)
-        _choice("damping_type", self.damping_type, DAMPING_TYPES)
-        _choice("fisher", self.fisher, FISHER_TYPES)
-        _choice("loss", self.loss, LOSSES)
-        _choice("reduction", self.reduction, REDUCTIONS)
-        _number("damping", self.damping, 0.0, low_open=True)
-        _number("damping_floor", self.damping_floor, 0.0)
-        _number("stat_decay", self.stat_decay, 0.0, 1.0)
-        if self.stat_decay >= 1.0:
-            raise ValueError(f"Invalid stat_decay: {self.stat_decay!r}; expected a value in "
-                             "[0, 1) (1 would never update the statistics)")
+        check_choice("factors", self.factors, FACTOR_KINDS)
+        check_choice("scaling", self.scaling, SCALING_KINDS)
+        check_choice("damping_type", self.damping_type, DAMPING_KINDS)
+        check_choice("fisher", self.fisher, FISHER_KINDS)
+        check_choice("loss", self.loss, LIKELIHOODS)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_number("damping", self.damping, 0.0, low_open=True)
+        check_number("damping_floor", self.damping_floor, 0.0)
+        check_number("stat_decay", self.stat_decay, 0.0, 1.0, high_open=True)  # 1: frozen
         for name in ("cov_update_freq", "eigen_update_freq", "scale_update_freq"):
-            _positive_int(name, getattr(self, name))
-        if self.damping_type == "pi" and self.scaling != "kronecker":
-            raise ValueError("Invalid damping_type: 'pi' factored damping needs Kronecker "
-                             "eigenvalues (KFAC or TKFAC); use 'eigenvalue' or "
-                             "'trace_relative' damping with EKFAC/TEKFAC")
+            check_positive_int(name, getattr(self, name))
+        if (DAMPING_KINDS[self.damping_type].needs_factor_eigenvalues
+                and not SCALING_KINDS[self.scaling].factor_eigenvalues):
+            raise ValueError(f"Invalid damping_type: {self.damping_type!r} damps the factors, so "
+                             "it needs Kronecker eigenvalues (KFAC or TKFAC); use 'eigenvalue' "
+                             "or 'trace_relative' damping with EKFAC/TEKFAC")
         dtype = self.factor_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"Invalid factor_dtype: {self.factor_dtype!r}; expected a floating "
@@ -121,7 +135,7 @@ class CurvatureConfig:
         """Build the configuration of a named method (``"kfac"``, ``"ekfac"``, ...)."""
         key = method.lower() if isinstance(method, str) else method
         if key not in METHODS:
-            raise ValueError(f"Invalid method: {method!r}; expected one of {', '.join(METHODS)}")
+            check_choice("method", method, METHODS)
         valid = [f.name for f in dataclasses.fields(cls) if f.name not in ("factors", "scaling")]
         unknown = sorted(set(options) - set(valid))
         if unknown:

@@ -1,4 +1,4 @@
-"""Per-layer curvature state and the public curvature object (DESIGN.md §2–§3).
+"""The public curvature object of one layer (docs/design.md §2–§3).
 
 A layer's approximation is ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T``; its damped
 form replaces ``S`` by ``D`` (:mod:`tekfac.damping`). Vectors are row-major flattenings of
@@ -7,56 +7,13 @@ form replaces ``S`` by ``D`` (:mod:`tekfac.damping`). Vectors are row-major flat
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from tekfac.config import CurvatureConfig
-from tekfac.damping import eigenvalue_damping, pi_damping, trace_relative_damping
+from tekfac.damping import DAMPING_KINDS
 from tekfac.layers import KroneckerLayer
-
-
-@dataclass
-class LayerState:
-    """Running statistics and the current eigenbasis of one layer (all in ``factor_dtype``).
-
-    Attributes:
-        factor_in: EMA of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
-        factor_out: EMA of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
-        scale: EMA of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling replaces
-            ``δ``), 0-dim.
-        basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``.
-        eig_in / eig_out: their eigenvalues, ``(d_in,)`` and ``(d_out,)``, clamped at 0.
-        basis_scale: ``δ`` when the basis was computed, 0-dim.
-        scaling: the diagonal ``S`` in the current basis, ``(d_out, d_in)``.
-    """
-
-    factor_in: Tensor | None = None
-    factor_out: Tensor | None = None
-    scale: Tensor | None = None
-    basis_in: Tensor | None = None
-    basis_out: Tensor | None = None
-    eig_in: Tensor | None = None
-    eig_out: Tensor | None = None
-    basis_scale: Tensor | None = None
-    scaling: Tensor | None = None
-
-    def to_dict(self) -> dict[str, Tensor]:
-        """The tensors that are set, keyed by field name (checkpoint format)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-#: Checkpoint keys of a layer's state, in one place.
-STATE_KEYS = tuple(f.name for f in dataclasses.fields(LayerState))
-
-
-def state_shapes(d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every :class:`LayerState` field of a ``(d_out, d_in)`` layer."""
-    return {"factor_in": (d_in, d_in), "factor_out": (d_out, d_out), "scale": (),
-            "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
-            "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
+from tekfac.state import LayerState
 
 
 class Curvature:
@@ -87,13 +44,9 @@ class Curvature:
         return self._state.scaling.sum()
 
     def damped_scaling(self) -> Tensor:
-        """The damped diagonal ``D`` of shape ``(d_out, d_in)``, DESIGN.md §3."""
-        s, c = self._state, self._config
-        if c.damping_type == "pi":
-            return pi_damping(s.eig_in, s.eig_out, s.basis_scale, c.damping)
-        if c.damping_type == "trace_relative":
-            return trace_relative_damping(s.scaling, c.damping, c.damping_floor)
-        return eigenvalue_damping(s.scaling, c.damping)
+        """The damped diagonal ``D`` of shape ``(d_out, d_in)``, docs/design.md §3."""
+        c = self._config
+        return DAMPING_KINDS[c.damping_type].damped(self._state, c.damping, c.damping_floor)
 
     def dense(self, damped: bool = False) -> Tensor:
         """``F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``, in

@@ -1,15 +1,67 @@
-"""Damping: the diagonal ``D`` of the damped approximation in its eigenbasis (DESIGN.md §3).
+"""Damping: the diagonal ``D`` of the damped approximation in its eigenbasis (docs/design.md §3).
 
 The preconditioner of a layer is ``(U_out ⊗ U_in) diag(vec D)^{-1} (U_out ⊗ U_in)^T``, so
 ``D`` (shape ``(d_out, d_in)``, all positive) says everything about how damping is applied.
+:data:`DAMPING_KINDS` is the registry of the kinds; a new kind is one entry.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from tekfac.state import LayerState
+
+
+class DampingKind:
+    """A damping kind.
+
+    Attributes:
+        needs_factor_eigenvalues: whether it damps the factors rather than ``S``, so that
+            ``S`` must be a product of factor eigenvalues (KFAC, TKFAC).
+    """
+
+    needs_factor_eigenvalues = False
+
+    def damped(self, state: LayerState, damping: float, floor: float) -> Tensor:
+        """``D`` of shape ``(d_out, d_in)`` for a layer with a basis and a scaling, given the
+        ``damping`` hyper-parameter (λ or γ) and the ``floor`` of relative dampings."""
+        raise NotImplementedError
+
+
+class EigenvalueDamping(DampingKind):
+    """``D = S + λ`` (:func:`eigenvalue_damping`)."""
+
+    def damped(self, state, damping, floor):
+        return eigenvalue_damping(state.scaling, damping)
+
+
+class PiDamping(DampingKind):
+    """Factored Tikhonov damping (:func:`pi_damping`)."""
+
+    needs_factor_eigenvalues = True
+
+    def damped(self, state, damping, floor):
+        return pi_damping(state.eig_in, state.eig_out, state.basis_scale, damping)
+
+
+class TraceRelativeDamping(DampingKind):
+    """``D = S + max(γ tr F̂ / p, floor)`` (:func:`trace_relative_damping`)."""
+
+    def damped(self, state, damping, floor):
+        return trace_relative_damping(state.scaling, damping, floor)
+
+
+#: Damping kind name → implementation (docs/design.md §3).
+DAMPING_KINDS: dict[str, DampingKind] = {
+    "eigenvalue": EigenvalueDamping(),
+    "pi": PiDamping(),
+    "trace_relative": TraceRelativeDamping(),
+}
 
 
 def eigenvalue_damping(scaling: Tensor, damping: float) -> Tensor:

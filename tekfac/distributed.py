@@ -14,6 +14,11 @@ local. With several ranks (gloo on CPU, NCCL on GPU):
 * :meth:`Communicator.assign` splits work greedily by cost, largest first (each item goes to
   the rank with the least work so far), and :meth:`Communicator.share` broadcasts each owner's
   results to every rank, one packed broadcast per owner.
+* :class:`WorkSplit` is the one place that decides which rank does what for the
+  preconditioner: the owner of each eigendecomposition (by the cost model :func:`eigh_cost`)
+  or, in 'owner' mode, of each layer's basis; zero padding for layers a rank has no examples
+  of; the reductions launched per micro-batch and their combination; and the broadcasts of
+  owned results (directions, bases).
 
 A failed collective (another rank crashed or left) raises a ``RuntimeError`` that says so.
 """
@@ -21,14 +26,25 @@ A failed collective (another rank crashed or left) raises a ``RuntimeError`` tha
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tekfac.state import BASIS_KEYS, state_shapes
+
+if TYPE_CHECKING:
+    from tekfac.layers import KroneckerLayer
+    from tekfac.state import LayerState
+
 #: Largest number of elements in one all-reduce bucket.
 BUCKET_ELEMENTS = 1 << 22
+
+#: Per layer: its statistics (a list of tensors) and the example count they are a mean over.
+Weighted = tuple[list[Tensor], float]
 
 
 class Communicator:
@@ -37,6 +53,7 @@ class Communicator:
     Attributes:
         rank, size: this process's rank and the world size (0 and 1 without a group).
         bytes_sent: payload bytes this rank has put into collectives so far.
+        wait_s: seconds this rank has spent blocked in :meth:`PendingMean.wait` so far.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -46,6 +63,7 @@ class Communicator:
         self.rank = dist.get_rank(group) if self.active else 0
         self.size = dist.get_world_size(group) if self.active else 1
         self.bytes_sent = 0
+        self.wait_s = 0.0
 
     # ------------------------------------------------------------------ statistics
     def weighted_mean_async(self, items: Sequence[tuple[list[Tensor], float]]) -> PendingMean:
@@ -133,20 +151,147 @@ class PendingMean:
         if self._works is None:
             return self._items
         flat: list[Tensor] = [None] * len(self._sizes)  # type: ignore[list-item]
-        for bucket, packed, work in self._works:
+        start = time.perf_counter()
+        for _, _, work in self._works:
             self._comm._call(work.wait)
+        self._comm.wait_s += time.perf_counter() - start
+        for bucket, packed, _ in self._works:
             pos = 0
             for i in bucket:
                 flat[i] = packed[pos:pos + self._sizes[i]]
                 pos += self._sizes[i]
         out, pos = [], 0
         for (shapes, _), total in zip(self._items, flat[-1].tolist()):
-            scale = 1.0 / total if total > 0 else 0.0
-            out.append(([flat[pos + i].reshape(shape) * scale for i, shape in enumerate(shapes)],
-                        total))
+            sums = [flat[pos + i].reshape(shape) for i, shape in enumerate(shapes)]
+            out.append((_share(sums, 1.0, total), total))
             pos += len(shapes)
         self._items, self._works = out, None
         return out
+
+
+def _share(tensors: Sequence[Tensor], weight: float, total: float) -> list[Tensor]:
+    """``tensors · weight / total`` (zeros for a zero total): one term of a weighted mean."""
+    share = weight / total if total > 0 else 0.0
+    return [t * share for t in tensors]
+
+
+def weighted_mean(items: Sequence[Weighted]) -> Weighted:
+    """``(Σ_k w_k t_k / Σ_k w_k, Σ_k w_k)`` over items ``(t_k, w_k)`` of the same shapes (the
+    single item as it is)."""
+    if len(items) == 1:
+        return items[0]
+    total = sum(weight for _, weight in items)
+    terms = [_share(tensors, weight, total) for tensors, weight in items]
+    return [sum(parts) for parts in zip(*terms)], total
+
+
+def eigh_cost(d: int) -> float:
+    """The cost model of the work split: a ``(d, d)`` eigendecomposition costs ``d³``."""
+    return float(d) ** 3
+
+
+class WorkSplit:
+    """Which rank does what for a preconditioner's layers.
+
+    Args:
+        comm: the process group, or none.
+        layers: the tracked layers, in the same order on every rank.
+        owner_mode: each layer's basis lives on one rank only (``distributed_mode='owner'``),
+            which preconditions that layer and broadcasts the direction.
+
+    Attributes:
+        owners: layer → the rank that keeps its basis ('owner' mode in a process group), else
+            ``None`` (every rank keeps every basis).
+    """
+
+    def __init__(self, comm: Communicator, layers: Sequence[KroneckerLayer], owner_mode: bool):
+        self.comm = comm
+        self.layers = list(layers)
+        #: statistics kind → the reductions launched this step (one per micro-batch)
+        self._in_flight: dict[str, list[tuple[list[KroneckerLayer], PendingMean]]] = {}
+        self.owners: dict[KroneckerLayer, int] | None = None
+        if owner_mode and comm.active:
+            costs = [eigh_cost(la.d_in) + eigh_cost(la.d_out) for la in layers]
+            self.owners = dict(zip(layers, comm.assign(costs)))
+
+    def mine(self, layer: KroneckerLayer) -> bool:
+        """Whether this rank keeps the layer's basis (always, unless in 'owner' mode)."""
+        return self.owners is None or self.owners[layer] == self.comm.rank
+
+    def padded(self, stats: dict[KroneckerLayer, Weighted], layers: Sequence[KroneckerLayer],
+               zeros: Callable[[KroneckerLayer], list[Tensor]]) -> dict[KroneckerLayer, Weighted]:
+        """``stats`` of the ``layers`` this rank has examples of; in a process group, every
+        one of ``layers`` in order, with ``zeros(layer)`` of weight 0 where this rank has
+        none, so that every rank reduces the same tensors in the same order."""
+        if not self.comm.active:
+            return {la: stats[la] for la in layers if la in stats}
+        return {la: stats[la] if la in stats else (zeros(la), 0.0) for la in layers}
+
+    def launch(self, kind: str, stats: dict[KroneckerLayer, Weighted]) -> None:
+        """Launch the cross-rank mean of one micro-batch's ``kind`` statistics ``stats``
+        (:meth:`padded`), to be awaited by :meth:`reduced`."""
+        layers = list(stats)
+        self._in_flight.setdefault(kind, []).append(
+            (layers, self.comm.weighted_mean_async([stats[la] for la in layers])))
+
+    def reduced(self, kind: str, compute: Callable[[], dict[KroneckerLayer, Weighted]]
+                ) -> dict[KroneckerLayer, Weighted]:
+        """Layer → (global mean of its ``kind`` statistics, global example count) for this
+        step: the reductions launched so far, micro-batches combined by their example counts
+        (layers in their order), or, if none was launched, those of ``compute()`` now."""
+        if not self._in_flight.get(kind):
+            self.launch(kind, compute())
+        parts = [dict(zip(layers, pending.wait())) for layers, pending in self._in_flight[kind]]
+        self._in_flight[kind].clear()
+        if len(parts) == 1:
+            return parts[0]
+        got = {la: [part[la] for part in parts if la in part] for la in self.layers}
+        return {la: weighted_mean(items) for la, items in got.items() if items}
+
+    def clear(self) -> None:
+        """Forget the reductions still in flight."""
+        self._in_flight.clear()
+
+    def eigendecompositions(self, matrices: Sequence[Tensor],
+                            compute: Callable[[int], list[Tensor]]) -> Iterator[list[Tensor]]:
+        """``compute(i)`` (an eigendecomposition ``[values, vectors]`` of ``matrices[i]``) for
+        every matrix, in order. Where every rank keeps every basis, in a process group, the
+        matrices are split over the ranks by :func:`eigh_cost` and the results shared;
+        otherwise each is computed lazily as it is consumed, so that a layer's previous basis
+        can be freed before the next one is computed."""
+        if self.owners is None and self.comm.active:
+            owners = self.comm.assign([eigh_cost(m.shape[0]) for m in matrices])
+            templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
+            yield from self.comm.share(owners, compute, templates)
+        else:
+            yield from (compute(i) for i in range(len(matrices)))
+
+    def from_owners(self, layers: Sequence[KroneckerLayer],
+                    compute: Callable[[int], list[Tensor]],
+                    templates: Sequence[list[Tensor]]) -> list[list[Tensor]]:
+        """``compute(i)`` run by the owner of ``layers[i]`` and given to every rank
+        (``templates[i]``: tensors of the shapes and dtypes it returns)."""
+        return self.comm.share([self.owners[la] for la in layers], compute, templates)
+
+    def owned_bases(self, states: dict[KroneckerLayer, LayerState],
+                    zeros: Callable[..., Tensor]) -> list[dict[str, Tensor]]:
+        """Every layer's basis fields (:data:`tekfac.state.BASIS_KEYS`), broadcast from its
+        owner ('owner' mode; empty where the owner has no basis yet). ``zeros(layer, *shape)``
+        makes the receive buffers."""
+        layers = list(states)
+        templates = [[zeros(la, *state_shapes(la.d_in, la.d_out)[k]).fill_(float("nan"))
+                      for k in BASIS_KEYS] for la in layers]
+
+        def held(i: int) -> list[Tensor]:
+            state = states[layers[i]]
+            if state.basis_in is None:
+                return templates[i]
+            return [getattr(state, k) for k in BASIS_KEYS]
+
+        shared = self.from_owners(layers, held, templates)
+        return [dict(zip(BASIS_KEYS, values)) if bool(torch.isfinite(values[0]).all()) else {}
+                for values in shared]
+
 
 
 def _buckets(flat: list[Tensor]) -> list[list[int]]:

@@ -1,29 +1,26 @@
-"""The two factor kinds that give the Kronecker-factored eigenbasis (DESIGN.md §2(a)).
+"""The two factor kinds that give the Kronecker-factored eigenbasis (docs/design.md §2(a)).
 
-Inputs are the examples of a layer in one forward (:class:`tekfac.capture.Examples`): their
-patches ``a`` of shape ``(N, T, d_in)`` (only ever unfolded piece by piece, or not at all) and
-per-example output gradients ``g`` of shape ``(N, T, d_out)`` (see :mod:`tekfac.layers`).
-Each kind gives the
-batch estimate of an input-side factor ``(d_in, d_in)``, an output-side factor
-``(d_out, d_out)`` and a scalar scale ``δ`` such that its Kronecker approximation is
-``F̂ = δ · out ⊗ in`` (``δ = 1`` for KFAC). Every statistic is a mean over examples, so the
-estimates of several batches or ranks combine by a weighted average before ``finalize``.
+A factor kind turns one forward's examples (:class:`tekfac.records.Examples`: patches ``a``
+of shape ``(N, T, d_in)``, only ever unfolded piece by piece or not at all, and per-example
+output gradients ``g`` of shape ``(N, T, d_out)``) into batch estimates of an input-side factor
+``(d_in, d_in)``, an output-side factor ``(d_out, d_out)`` and a scalar scale ``δ``, such that
+its Kronecker approximation is ``F̂ = δ · out ⊗ in``. Every statistic is a mean over examples,
+so the estimates of several micro-batches or ranks combine by a weighted average before
+:meth:`FactorKind.finalize`. :data:`FACTOR_KINDS` is the registry; a new kind is one entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from tekfac.capture import Examples
+from tekfac.chunks import example_ranges
 
-#: Largest number of elements of a layer's patches, of per-example gradients, or of a
-#: convolution's gathered input rows (``Y`` of :mod:`tekfac.patch_moments`) materialised at once.
-CHUNK_ELEMENTS = 1 << 20
+if TYPE_CHECKING:
+    from tekfac.records import Examples
 
 
 class FactorStatistics(NamedTuple):
@@ -35,44 +32,68 @@ class FactorStatistics(NamedTuple):
     scale: Tensor
 
 
-def kronecker_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics:
-    """KFAC / KFC factors (``with_scale`` has no effect: ``δ = 1``).
+class FactorKind:
+    """A factor kind: the batch means of a forward's factors, its scale ``δ``, and the
+    normalisation applied once batches (or ranks) have been averaged."""
+
+    def factors(self, ex: Examples) -> tuple[Tensor, Tensor]:
+        """Batch-mean input-side and output-side factors."""
+        raise NotImplementedError
+
+    def scale(self, ex: Examples) -> Tensor:
+        """Batch-mean ``δ`` (0-dim); only asked for when the scaling uses it."""
+        raise NotImplementedError
+
+    def finalize(self, stats: FactorStatistics) -> FactorStatistics:
+        """The factors as the basis and the scaling use them, from averaged statistics."""
+        return stats
+
+
+class KroneckerFactors(FactorKind):
+    """KFAC / KFC factors (Martens & Grosse 2015; Grosse & Martens 2016).
 
     .. math:: A = \\frac{1}{N T} \\sum_i A_i A_i^T, \\quad G = \\frac{1}{N} \\sum_i G_i G_i^T,
               \\quad δ = 1.
     """
-    n, t = ex.g.shape[:2]
-    return FactorStatistics(ex.input_moment() / (n * t), _gram(ex.g) / n, ex.g.new_ones(()))
+
+    def factors(self, ex: Examples) -> tuple[Tensor, Tensor]:
+        n, t = ex.g.shape[:2]
+        return ex.input_moment() / (n * t), _gram(ex.g) / n
+
+    def scale(self, ex: Examples) -> Tensor:
+        return ex.g.new_ones(())
 
 
-def trace_restricted_factors(ex: Examples, with_scale: bool = True) -> FactorStatistics:
-    r"""TKFAC factors (Gao et al. 2020) before normalisation (see :func:`unit_trace_factors`).
-
-    With ``Λ_i = A_i A_i^T`` and ``Γ_i = G_i G_i^T``:
+class TraceRestrictedFactors(FactorKind):
+    r"""TKFAC factors (Gao et al. 2020). With ``Λ_i = A_i A_i^T`` and ``Γ_i = G_i G_i^T``:
 
     .. math:: Φ ∝ E[\operatorname{tr}(Γ_i) Λ_i], \quad Ψ ∝ E[\operatorname{tr}(Λ_i) Γ_i],
               \quad δ = E[\|G_i A_i^T\|_F^2] = \operatorname{tr} F,
 
-    so that, once ``Φ`` and ``Ψ`` have trace one, ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1``
-    (Linear) ``δ = E[tr Λ_i tr Γ_i]``. The factors are returned as batch means so that batches
-    (or ranks) can be averaged before normalising. ``with_scale=False`` returns ``δ = 1``
-    instead, skipping its per-example norms: TEKFAC's corrected scaling replaces ``δ``.
+    so that, once :meth:`finalize` has normalised ``Φ`` and ``Ψ`` to trace one,
+    ``tr(δ Ψ ⊗ Φ) = tr F``. For ``T = 1`` (Linear) ``δ = E[tr Λ_i tr Γ_i]``; for a
+    convolution we use the exact trace (docs/design.md §7).
     """
-    n = ex.n
-    tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
-    tr_g = torch.linalg.vector_norm(ex.g, dim=(1, 2)).square()  # (N,) tr Γ_i
-    phi = ex.input_moment(tr_g) / n
-    psi = _gram(ex.g, tr_a) / n
-    if not with_scale:
-        return FactorStatistics(phi, psi, phi.new_ones(()))
-    delta = example_sq_norms(ex).sum() / n
-    return FactorStatistics(phi, psi, delta)
+
+    def factors(self, ex: Examples) -> tuple[Tensor, Tensor]:
+        tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
+        tr_g = torch.linalg.vector_norm(ex.g, dim=(1, 2)).square()  # (N,) tr Γ_i
+        return ex.input_moment(tr_g) / ex.n, _gram(ex.g, tr_a) / ex.n
+
+    def scale(self, ex: Examples) -> Tensor:
+        return example_sq_norms(ex).sum() / ex.n
+
+    def finalize(self, stats: FactorStatistics) -> FactorStatistics:
+        """Normalise the factors to trace one (``δ`` unchanged)."""
+        return FactorStatistics(_unit_trace(stats.factor_in), _unit_trace(stats.factor_out),
+                                stats.scale)
 
 
-def unit_trace_factors(stats: FactorStatistics) -> FactorStatistics:
-    """Normalise the trace-restricted factors to trace one (``δ`` unchanged)."""
-    return FactorStatistics(_unit_trace(stats.factor_in), _unit_trace(stats.factor_out),
-                            stats.scale)
+#: Factor kind name → implementation (docs/design.md §2(a)).
+FACTOR_KINDS: dict[str, FactorKind] = {
+    "kronecker": KroneckerFactors(),
+    "trace_restricted": TraceRestrictedFactors(),
+}
 
 
 def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -101,7 +122,7 @@ def example_sq_norms(ex: Examples) -> Tensor:
     For ``T = 1`` this is ``||a_i||^2 ||g_i||^2``. Otherwise the cheaper of two exact forms:
     ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` via ``T×T`` Gram matrices (cost ``T²(d_in+d_out)``) or the
     per-example gradients themselves (cost ``T·d_in·d_out``, see
-    :meth:`tekfac.capture.Examples.gradients`).
+    :meth:`tekfac.records.Examples.gradients`).
     """
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
@@ -115,27 +136,6 @@ def example_sq_norms(ex: Examples) -> Tensor:
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Iterator[Tensor]:
     """``D_i = G_i A_i^T`` in chunks over the batch, each of shape ``(n_chunk, d_out, d_in)``,
-    at most :data:`CHUNK_ELEMENTS` elements at a time."""
+    at most :data:`tekfac.chunks.CHUNK_ELEMENTS` elements at a time."""
     for part in example_ranges(a.shape[0], a.shape[-1] * g.shape[-1]):
         yield g[part].transpose(1, 2) @ a[part]
-
-
-def example_ranges(n: int, elements_per_example: int) -> list[slice]:
-    """Consecutive ranges of ``n`` examples, each of at most about :data:`CHUNK_ELEMENTS`
-    elements (and at least one example)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_example))
-    return [slice(start, start + step) for start in range(0, n, step)]
-
-
-class FactorKind(NamedTuple):
-    """A factor kind: batch-mean statistics of a forward's examples (and whether ``δ`` is
-    needed), then a normalisation applied after batches (or ranks) have been averaged."""
-
-    batch: Callable[[Examples, bool], FactorStatistics]
-    finalize: Callable[[FactorStatistics], FactorStatistics]
-
-
-FACTOR_KINDS = {
-    "kronecker": FactorKind(kronecker_factors, lambda stats: stats),
-    "trace_restricted": FactorKind(trace_restricted_factors, unit_trace_factors),
-}

@@ -1,43 +1,184 @@
-"""Monte-Carlo sampling of labels for the true Fisher (DESIGN.md §1).
+"""How the statistics get their output gradients: the two Fisher kinds (docs/design.md §1).
 
-For the Fisher of a loss ``-log p(y | f(x))`` the expectation over ``y ~ p(y | f(x))`` of
-``∇l ∇l^T`` is the true Fisher. Each supported loss fixes its distribution exactly:
+* ``"empirical"``: the gradients of the user's own loss, recorded by hooks during
+  ``loss.backward()``;
+* ``"mc"`` (the true Fisher): on statistics steps, labels ``y ~ p(y | f(x))`` are sampled from
+  the model's predictive distribution and an extra backward of that loss records the output
+  gradients. The expectation over ``y`` of ``∇l ∇l^T`` is the true Fisher of ``-log p(y|f(x))``.
+
+Each supported loss fixes its distribution exactly (:data:`LIKELIHOODS`):
 
 * ``"cross_entropy"``: categorical over dim 1 of the logits ``(N, C, ...)``;
 * ``"mse"``: Gaussian with mean ``f`` and variance ½ (``nn.MSELoss`` has no ½ factor, so
   ``(y - f)^2 = -log N(y; f, ½) + const``);
 * ``"bce_with_logits"``: Bernoulli with probability ``sigmoid(f)``.
+
+A Fisher kind also owns what both need to turn recorded gradients into per-example gradients
+of the unscaled loss: the batch-mean convention and a ``torch.amp.GradScaler``'s scale.
+:data:`FISHER_KINDS` is the registry; a new kind is one entry.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from tekfac.records import Call
+
+
+class Likelihood(NamedTuple):
+    """A loss as a negative log-likelihood: a sampler of targets and the loss itself."""
+
+    sample: Callable[[Tensor, torch.Generator], Tensor]
+    loss: Callable[..., Tensor]
+
+
+def _categorical(f: Tensor, generator: torch.Generator) -> Tensor:
+    probs = torch.softmax(f.float(), dim=1).movedim(1, -1)
+    labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return labels.reshape(probs.shape[:-1])
+
+
+def _gaussian(f: Tensor, generator: torch.Generator) -> Tensor:
+    noise = torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
+    return f + math.sqrt(0.5) * noise
+
+
+def _bernoulli(f: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.bernoulli(torch.sigmoid(f), generator=generator)
+
+
+#: Loss name → its likelihood (the MC sampling distribution).
+LIKELIHOODS: dict[str, Likelihood] = {
+    "cross_entropy": Likelihood(_categorical, F.cross_entropy),
+    "mse": Likelihood(_gaussian, F.mse_loss),
+    "bce_with_logits": Likelihood(_bernoulli, F.binary_cross_entropy_with_logits),
+}
+
 
 def sample_targets(loss: str, outputs: Tensor, generator: torch.Generator) -> Tensor:
     """Draw targets ``y ~ p(y | outputs)`` for ``loss``; no gradient flows through them."""
-    f = outputs.detach()
-    if loss == "cross_entropy":
-        probs = torch.softmax(f.float(), dim=1).movedim(1, -1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        labels = torch.multinomial(flat, 1, generator=generator)
-        return labels.reshape(probs.shape[:-1])
-    if loss == "mse":
-        noise = torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-        return f + math.sqrt(0.5) * noise
-    if loss == "bce_with_logits":
-        return torch.bernoulli(torch.sigmoid(f), generator=generator)
-    raise ValueError(f"Invalid loss: {loss!r}")
+    return LIKELIHOODS[loss].sample(outputs.detach(), generator)
 
 
 def sampled_loss(loss: str, outputs: Tensor, targets: Tensor, reduction: str) -> Tensor:
     """The training loss evaluated at sampled targets, with the given batch reduction."""
-    if loss == "cross_entropy":
-        return F.cross_entropy(outputs, targets, reduction=reduction)
-    if loss == "mse":
-        return F.mse_loss(outputs, targets, reduction=reduction)
-    return F.binary_cross_entropy_with_logits(outputs, targets, reduction=reduction)
+    return LIKELIHOODS[loss].loss(outputs, targets, reduction=reduction)
+
+
+class FisherKind:
+    """The output gradients of one preconditioner's statistics.
+
+    Args:
+        loss: a :data:`LIKELIHOODS` name.
+        reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over the batch.
+        seed: seed of the MC label sampler.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any.
+        rank: this process's rank (ranks draw different labels).
+
+    Attributes:
+        samples: whether the output gradients come from a sampled backward (so that the
+            capture keeps gradient edges instead of hooking the user's backward).
+    """
+
+    samples = False
+
+    def __init__(self, loss: str, reduction: str, seed: int,
+                 grad_scaler: torch.amp.GradScaler | None = None, rank: int = 0):
+        self.loss, self.reduction, self.seed = loss, reduction, seed
+        self.grad_scaler, self.rank = grad_scaler, rank
+
+    def loss_scale(self) -> float:
+        """The GradScaler's current scale (the one the last backward used), else 1."""
+        scaler = self.grad_scaler
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+
+    def grad_multiplier(self, num_examples: int) -> float:
+        """What the recorded output gradients are multiplied by to be per-example gradients
+        of the unscaled loss, for a step of ``num_examples`` examples."""
+        raise NotImplementedError
+
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int) -> None:
+        """Record the output gradients of ``calls`` before the user's backward (if needed)."""
+
+    def check_recorded(self, has_calls: bool) -> None:
+        """Raise if the statistics of a step with ``has_calls`` lack their gradients."""
+
+    def end_step(self) -> None:
+        """Forget this step's bookkeeping."""
+
+
+class EmpiricalFisher(FisherKind):
+    """The gradients of the user's loss: for a batch mean they are per-example gradients
+    divided by ``N``, hence multiplied back by ``N``."""
+
+    def grad_multiplier(self, num_examples: int) -> float:
+        per_example = num_examples if self.reduction == "mean" else 1
+        return per_example / self.loss_scale()
+
+
+class MonteCarloFisher(FisherKind):
+    """The true Fisher: a backward of the loss at labels sampled from ``outputs``, summed
+    over the examples (so per example already), scaled like the user's loss."""
+
+    samples = True
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._micro_batches = 0
+        self._sampled = False
+
+    def grad_multiplier(self, num_examples: int) -> float:
+        return 1 / self.loss_scale()
+
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int) -> None:
+        """Differentiate ``Σ_i l(f(x_i), y_i)`` with ``y_i ~ p(y | f(x_i))`` (times the loss
+        scale) w.r.t. the calls' output edges, keeping the graph for the user's backward."""
+        if not calls:
+            return
+        targets = sample_targets(self.loss, outputs, self.generator(outputs.device, step))
+        sampled = sampled_loss(self.loss, outputs, targets, self.reduction) * self.loss_scale()
+        if self.reduction == "mean":  # per-example gradients of this micro-batch
+            sampled = sampled * outputs.shape[0]
+        grads = torch.autograd.grad(sampled, [call.edge for call in calls], retain_graph=True,
+                                    allow_unused=True)
+        for call, grad in zip(calls, grads):
+            call.edge = None
+            if grad is not None:
+                call.receive(grad)
+        self._sampled = True
+
+    def check_recorded(self, has_calls: bool) -> None:
+        if has_calls and not self._sampled:
+            raise RuntimeError(
+                "fisher='mc' needs the sampled backward on statistics steps: replace "
+                "loss.backward() by optimizer.backward(loss, outputs) (or pass fisher='empirical')")
+
+    def end_step(self) -> None:
+        self._sampled = False
+        self._micro_batches = 0
+
+    def generator(self, device: torch.device, step: int) -> torch.Generator:
+        """The sampler of the next micro-batch, seeded from (seed, step, rank, micro-batch): a
+        pure function of the step counter, so checkpoints need no RNG state and ranks draw
+        different labels."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        entropy = [self.seed, step, self.rank, self._micro_batches]
+        gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+                            >> np.uint64(1)))
+        self._micro_batches += 1
+        return gen
+
+
+#: Fisher kind name → implementation.
+FISHER_KINDS: dict[str, type[FisherKind]] = {"mc": MonteCarloFisher, "empirical": EmpiricalFisher}

@@ -1,56 +1,51 @@
-"""The layers that get a Kronecker-factored block, and their matrix views (DESIGN.md §1).
+"""The layers that get a Kronecker-factored block, one class per layer kind (docs/design.md §1).
 
 For a supported layer the parameter matrix is ``M = [W.flatten(1) | b[:, None]]`` of shape
 ``(d_out, d_in + 1)`` (no bias column without a bias). Per example ``i`` of a batch of ``N``
 the layer sees ``A_i`` of shape ``(d_in [+1], T)`` (inputs, or unfolded patches, with a row of
-ones for the bias) and ``G_i`` of shape ``(d_out, T)`` (gradients w.r.t. the outputs). This
-module stores them transposed, batch first: ``a`` of shape ``(N, T, d_in [+1])`` and ``g`` of
-shape ``(N, T, d_out)``, so that ``D_i = G_i A_i^T = g[i].T @ a[i]``.
+ones for the bias) and ``G_i`` of shape ``(d_out, T)`` (gradients w.r.t. the outputs). Every
+layer class gives the same canonical views, batch first: ``a`` of shape ``(N, T, d_in [+1])``
+and ``g`` of shape ``(N, T, d_out)``, so that ``D_i = G_i A_i^T = g[i].T @ a[i]``; the maths
+(:mod:`tekfac.factors`, :mod:`tekfac.scaling`) only ever sees these views.
+
+:class:`KroneckerLayer` holds what all kinds share (shapes, the gradient matrix, splitting a
+direction back into parameters); :class:`LinearLayer` and :class:`ConvLayer` implement the
+views. A new layer kind is one subclass and one :data:`LAYER_KINDS` entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tekfac import factors, patch_moments
-
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` gets a Kronecker block (Linear, Conv1d, Conv2d)."""
-    return isinstance(module, SUPPORTED)
+from tekfac import patch_moments
+from tekfac.chunks import example_ranges
 
 
-@dataclass(eq=False)
 class KroneckerLayer:
     """A supported module with the shapes of its Kronecker block.
 
     Attributes:
         name: qualified module name in the model.
-        module: the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``.
+        module: the module.
+        has_bias: whether ``M`` has a bias column.
         d_in: columns of ``M``: ``in_features`` or ``in_channels·prod(kernel_size)``, plus one
             for the bias.
         d_out: rows of ``M``: ``out_features`` or ``out_channels``.
     """
 
-    name: str
-    module: nn.Module
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+        self.has_bias = module.bias is not None
+        self.d_out = module.weight.shape[0]
+        self.d_in = module.weight[0].numel() + int(self.has_bias)
 
-    def __post_init__(self) -> None:
-        m = self.module
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
-            raise ValueError(
-                f"Layer {self.name!r} is a grouped convolution (groups={m.groups}), which has no "
-                "single Kronecker block; pass exclude=[model.<that layer>] (or its name) to give "
-                "it the first-order step instead")
-        self.has_bias = m.bias is not None
-        self.d_out = m.weight.shape[0]
-        self.d_in = m.weight[0].numel() + int(self.has_bias)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, d_out={self.d_out}, d_in={self.d_in})"
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -86,27 +81,31 @@ class KroneckerLayer:
             pieces.append(matrix[:, -1])
         return pieces
 
+    # ------------------------------------------------------------ the canonical views
     def inputs(self, x: Tensor) -> Tensor:
         """Layer input to ``a`` of shape ``(N, T, d_in)`` (patches for conv, ones for bias)."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
-        else:
-            a = _patches(m, x)
+        a = self._features(x)
         if self.has_bias:
             a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
         return a
 
+    def _features(self, x: Tensor) -> Tensor:
+        """``a`` without the bias column, ``(N, T, d_in - has_bias)``."""
+        raise NotImplementedError
+
+    def output_gradients(self, gy: Tensor) -> Tensor:
+        """Gradient w.r.t. the layer output to ``g`` of shape ``(N, T, d_out)``."""
+        raise NotImplementedError
+
+    def locations(self, x: Tensor) -> int:
+        """``T``, the output locations per example of a batched input ``x``."""
+        raise NotImplementedError
+
     def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """``Σ_i w_i A_i A_i^T`` of shape ``(d_in, d_in)`` for a batched input ``x`` (weights
-        ``(N,)``, default 1). A convolution takes the cheaper of unfolding its patches (in
-        chunks of at most :data:`tekfac.factors.CHUNK_ELEMENTS`) and the spatial correlation
-        of :mod:`tekfac.patch_moments`; both are exact."""
-        if not isinstance(self.module, nn.Linear) and patch_moments.correlation_is_cheaper(
-                x.shape[1], _padded(self.module, x[:1])[1]):
-            return patch_moments.second_moment(*_padded(self.module, x), weights, self.has_bias)
+        ``(N,)``, default 1), unfolding ``a`` in chunks (:mod:`tekfac.chunks`)."""
         total = None
-        for part in factors.example_ranges(len(x), self.inputs(x[:1]).numel()):
+        for part in example_ranges(len(x), self.inputs(x[:1]).numel()):
             a = self.inputs(x[part])
             if weights is not None:
                 a = a * weights[part].sqrt()[:, None, None]
@@ -116,36 +115,80 @@ class KroneckerLayer:
 
     def input_moment_flops(self, x: Tensor) -> int:
         """FLOPs of :meth:`input_moment` on the batched input ``x`` (the path it takes)."""
-        if isinstance(self.module, nn.Linear):
-            a = self.inputs(x[:1])
-            return 2 * x.shape[0] * a.shape[1] * self.d_in ** 2
-        return x.shape[0] * min(patch_moments.moment_flops(x.shape[1],
-                                                           _padded(self.module, x[:1])[1]))
+        return 2 * x.shape[0] * self.locations(x) * self.d_in ** 2
 
     def input_sq_norms(self, x: Tensor) -> Tensor:
         """``tr(A_i A_i^T) = Σ_t ||a_{i,t}||²`` per example of a batched input; shape ``(N,)``."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return self.inputs(x).square().sum(dim=(1, 2))
-        padded, geo = _padded(m, x)
-        norms = patch_moments.patch_sq_norms(padded, geo)
-        return norms + self.has_bias * (geo.out[0] * geo.out[1])
-
-    def locations(self, x: Tensor) -> int:
-        """``T``, the output locations per example of a batched input ``x``."""
-        if isinstance(self.module, nn.Linear):
-            return x[0].numel() // x.shape[-1]
-        h_out, w_out = _padded(self.module, x[:1])[1].out
-        return h_out * w_out
+        return self.inputs(x).square().sum(dim=(1, 2))
 
     def example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
         """``D_i = G_i A_i^T`` of every example of a batched input ``x`` with output gradients
-        ``g (N, T, d_out)``; shape ``(N, d_out, d_in)``. A convolution takes them as the weight
-        gradient of one grouped convolution with a group per example (and ``Σ_t g_t`` for the
-        bias), so its patches are never unfolded."""
-        if isinstance(self.module, nn.Linear):
-            return g.transpose(1, 2) @ self.inputs(x)
-        padded, geo = _padded(self.module, x)
+        ``g (N, T, d_out)``; shape ``(N, d_out, d_in)``."""
+        return g.transpose(1, 2) @ self.inputs(x)
+
+
+class LinearLayer(KroneckerLayer):
+    """``nn.Linear`` on inputs of any leading dimensions: every position of one example is
+    one of its ``T`` locations; a 1-d input is one example with ``T = 1``."""
+
+    def _features(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+
+    def output_gradients(self, gy: Tensor) -> Tensor:
+        if gy.dim() == 1:
+            return gy.reshape(1, 1, -1)
+        return gy.reshape(gy.shape[0], -1, gy.shape[-1])
+
+    def locations(self, x: Tensor) -> int:
+        return x[0].numel() // x.shape[-1]
+
+
+class ConvLayer(KroneckerLayer):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with any stride, padding (numbers, ``'same'``,
+    ``'valid'``, every ``padding_mode``) and dilation; ``T`` is the number of output
+    locations. Grouped convolutions have no single Kronecker block and are refused."""
+
+    def __init__(self, name: str, module: nn.Module):
+        if module.groups != 1:
+            raise ValueError(
+                f"Layer {name!r} is a grouped convolution (groups={module.groups}), which has no "
+                "single Kronecker block; pass exclude=[model.<that layer>] (or its name) to give "
+                "it the first-order step instead")
+        super().__init__(name, module)
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Unfolded input patches ``(N, T, C_in·prod(kernel))``, columns in the order of
+        ``weight.flatten(1)``."""
+        padded, geo = self.padded(x)
+        cols = F.unfold(padded, geo.kernel, dilation=geo.dilation, stride=geo.stride)
+        return cols.transpose(1, 2)
+
+    def output_gradients(self, gy: Tensor) -> Tensor:
+        return gy.flatten(2).transpose(1, 2)
+
+    def locations(self, x: Tensor) -> int:
+        h_out, w_out = self.padded(x[:1])[1].out
+        return h_out * w_out
+
+    def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """As :meth:`KroneckerLayer.input_moment`, or by the spatial correlation of
+        :mod:`tekfac.patch_moments` where that needs fewer FLOPs; both are exact."""
+        if patch_moments.correlation_is_cheaper(x.shape[1], self.padded(x[:1])[1]):
+            return patch_moments.second_moment(*self.padded(x), weights, self.has_bias)
+        return super().input_moment(x, weights)
+
+    def input_moment_flops(self, x: Tensor) -> int:
+        return x.shape[0] * min(patch_moments.moment_flops(x.shape[1], self.padded(x[:1])[1]))
+
+    def input_sq_norms(self, x: Tensor) -> Tensor:
+        padded, geo = self.padded(x)
+        norms = patch_moments.patch_sq_norms(padded, geo)
+        return norms + self.has_bias * (geo.out[0] * geo.out[1])
+
+    def example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        """The weight gradient of one grouped convolution with a group per example (and
+        ``Σ_t g_t`` for the bias), so the patches are never unfolded."""
+        padded, geo = self.padded(x)
         n, c = padded.shape[:2]
         weights = torch.nn.grad.conv2d_weight(
             padded.reshape(1, n * c, *padded.shape[2:]), (n * self.d_out, c, *geo.kernel),
@@ -155,54 +198,32 @@ class KroneckerLayer:
             return weights
         return torch.cat([weights, g.sum(dim=1)[:, :, None]], dim=2)
 
-    def output_gradients(self, gy: Tensor) -> Tensor:
-        """Gradient w.r.t. the layer output to ``g`` of shape ``(N, T, d_out)``."""
-        if isinstance(self.module, nn.Linear):
-            if gy.dim() == 1:
-                return gy.reshape(1, 1, -1)
-            return gy.reshape(gy.shape[0], -1, gy.shape[-1])
-        return gy.flatten(2).transpose(1, 2)
-
-
-def _patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded input patches of a convolution, ``(N, T, C_in·prod(kernel))``.
-
-    The column order matches ``weight.flatten(1)``; ``T`` is the number of output locations.
-    """
-    padded, geo = _padded(conv, x)
-    cols = F.unfold(padded, geo.kernel, dilation=geo.dilation, stride=geo.stride)
-    return cols.transpose(1, 2)
-
-
-def _padded(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, patch_moments.Geometry]:
-    """The input of a convolution with its padding applied explicitly, as ``(N, C, H, W)``
-    (a Conv1d input gets a height of 1), and the geometry of the 'valid' convolution that
-    the layer computes on it.
-
-    Padding (numbers, ``'same'``, ``'valid'``, any ``padding_mode``) is applied explicitly so
-    that the patches are exactly what the convolution multiplied.
-    """
-    one_d = isinstance(conv, nn.Conv1d)
-    if one_d:
-        x = x.unsqueeze(-2)
-    kernel, stride, dilation = (_pair(v, one_d) for v in (conv.kernel_size, conv.stride,
-                                                          conv.dilation))
-    pads: list[int] = []  # F.pad order: last dim first, (left, right) each
-    for dim in (1, 0):
-        if conv.padding == "valid":
-            lo = hi = 0
-        elif conv.padding == "same":
-            total = dilation[dim] * (kernel[dim] - 1)
-            lo, hi = total // 2, total - total // 2
-        else:
-            lo = hi = _pair(conv.padding, one_d, fill=0)[dim]
-        pads += [lo, hi]
-    if any(pads):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pads, mode=mode)
-    out = tuple((size - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
-                for d, size in enumerate(x.shape[-2:]))
-    return x, patch_moments.Geometry(kernel, stride, dilation, out)
+    def padded(self, x: Tensor) -> tuple[Tensor, patch_moments.Geometry]:
+        """The input with its padding applied explicitly, as ``(N, C, H, W)`` (a Conv1d input
+        gets a height of 1), and the geometry of the 'valid' convolution that the layer
+        computes on it, so that the patches are exactly what the convolution multiplied."""
+        conv = self.module
+        one_d = isinstance(conv, nn.Conv1d)
+        if one_d:
+            x = x.unsqueeze(-2)
+        kernel, stride, dilation = (_pair(v, one_d) for v in (conv.kernel_size, conv.stride,
+                                                              conv.dilation))
+        pads: list[int] = []  # F.pad order: last dim first, (left, right) each
+        for dim in (1, 0):
+            if conv.padding == "valid":
+                lo = hi = 0
+            elif conv.padding == "same":
+                total = dilation[dim] * (kernel[dim] - 1)
+                lo, hi = total // 2, total - total // 2
+            else:
+                lo = hi = _pair(conv.padding, one_d, fill=0)[dim]
+            pads += [lo, hi]
+        if any(pads):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        out = tuple((size - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+                    for d, size in enumerate(x.shape[-2:]))
+        return x, patch_moments.Geometry(kernel, stride, dilation, out)
 
 
 def _pair(value: int | tuple[int, ...], one_d: bool, fill: int = 1) -> tuple[int, int]:
@@ -210,3 +231,56 @@ def _pair(value: int | tuple[int, ...], one_d: bool, fill: int = 1) -> tuple[int
     if isinstance(value, int):
         return (fill, value) if one_d else (value, value)
     return (fill, value[0]) if one_d else (value[0], value[1])
+
+
+#: Module type → the layer class that gives it a Kronecker block.
+LAYER_KINDS: dict[type[nn.Module], type[KroneckerLayer]] = {
+    nn.Linear: LinearLayer, nn.Conv1d: ConvLayer, nn.Conv2d: ConvLayer}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped module of ``DistributedDataParallel`` / ``DataParallel``, else ``model``."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def find_layers(model: nn.Module, exclude: Iterable[nn.Module | str] = ()) -> list[KroneckerLayer]:
+    """The supported, trainable, not excluded layers of ``model`` in module order.
+
+    ``exclude`` holds modules, or ``fnmatch`` patterns matched against qualified module names
+    (``"classifier.*"``). Excluding a module excludes its sub-modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
+    exclude = list(exclude)
+    for item in exclude:
+        if not isinstance(item, (nn.Module, str)):
+            raise TypeError(f"Invalid exclude entry {item!r}: expected a module or a name pattern")
+    excluded_modules = {id(m) for e in exclude if isinstance(e, nn.Module) for m in e.modules()}
+    patterns = [e for e in exclude if isinstance(e, str)]
+    layers = []
+    for name, module in model.named_modules():
+        if not is_supported(module) or id(module) in excluded_modules:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*")
+               for p in patterns):
+            continue
+        if not all(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        layers.append(make_layer(name, module))
+    return layers
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether ``module`` is of a kind in :data:`LAYER_KINDS`."""
+    return isinstance(module, tuple(LAYER_KINDS))
+
+
+def make_layer(name: str, module: nn.Module) -> KroneckerLayer:
+    """The :class:`KroneckerLayer` of a supported ``module`` (its exact type's class, else
+    that of its nearest supported base class)."""
+    for kind in type(module).__mro__:
+        if kind in LAYER_KINDS:
+            return LAYER_KINDS[kind](name, module)
+    raise TypeError(f"Layer {name!r} ({type(module).__name__}) has no Kronecker block; "
+                    f"supported: {', '.join(k.__name__ for k in LAYER_KINDS)}")

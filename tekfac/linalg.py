@@ -1,4 +1,4 @@
-"""Robust symmetric eigendecomposition (DESIGN.md §4.2)."""
+"""Robust symmetric eigendecomposition (docs/design.md §4.2)."""
 
 from __future__ import annotations
 

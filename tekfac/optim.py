@@ -1,8 +1,8 @@
-"""The optimizer: preconditioning + KL clipping + momentum SGD (DESIGN.md §4.4–6).
+"""The optimizer: preconditioning + KL clipping + momentum SGD (docs/design.md §4.4–6).
 
 :class:`KroneckerOptimizer` is one ``torch.optim.Optimizer`` composed from a
 :class:`tekfac.Preconditioner`; :class:`KFAC`, :class:`EKFAC`, :class:`TKFAC` and
-:class:`TEKFAC` are its four named configurations (DESIGN.md §2).
+:class:`TEKFAC` are its four named configurations (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from tekfac.config import check_instance, check_number
 from tekfac.curvature import Curvature
 from tekfac.preconditioner import Preconditioner
+from tekfac.profiling import stage
 
 _CURVATURE_KEY = "curvature"
 
@@ -67,17 +69,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  distributed_mode: str = "replicated", **curvature_options: object):
-        _check_number("lr", lr, allow_zero=True)
-        _check_number("weight_decay", weight_decay, allow_zero=True)
-        _check_number("momentum", momentum, allow_zero=True)
-        if momentum >= 1:
-            raise ValueError(f"Invalid momentum: {momentum!r}; expected a value in [0, 1)")
+        check_number("lr", lr, 0.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
         if kl_clip is not None:
-            _check_number("kl_clip", kl_clip, allow_zero=False)
-        for name, flag in (("nesterov", nesterov),
-                           ("decoupled_weight_decay", decoupled_weight_decay)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Invalid {name}: {flag!r}; expected True or False")
+            check_number("kl_clip", kl_clip, 0.0, low_open=True)
+        check_instance("nesterov", nesterov, bool, "True or False")
+        check_instance("decoupled_weight_decay", decoupled_weight_decay, bool, "True or False")
         if nesterov and momentum == 0:
             raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")
         self.preconditioner = Preconditioner(model, method, exclude=exclude, seed=seed,
@@ -135,19 +133,21 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             self.preconditioner.warn_once("model", "non-finite gradient; skipping this step "
                                           "(parameters and momentum unchanged)")
             return loss
-        directions = self._preconditioned(group, coupled)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d_p = directions.get(p)
-            if d_p is None:
-                d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
-            self._sgd_update(p, d_p, group)
+        pairs = self.preconditioner.directions(coupled)
+        with stage("update"):
+            directions = self._clipped(pairs, group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = directions.get(p)
+                if d_p is None:
+                    d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
+                self._sgd_update(p, d_p, group)
         return loss
 
-    def _preconditioned(self, group: dict, coupled_decay: float) -> dict[Tensor, Tensor]:
-        """Parameter → KL-clipped preconditioned direction, for the tracked layers."""
-        pairs = self.preconditioner.directions(coupled_decay)
+    def _clipped(self, pairs: dict, group: dict) -> dict[Tensor, Tensor]:
+        """Parameter → KL-clipped preconditioned direction, for the tracked layers, from
+        their ``(∇, Δ)`` pairs."""
         directions = {la: d for la, (_, d) in pairs.items()}
         if group["kl_clip"] is not None and pairs:
             vdot = torch.stack([torch.vdot(g.reshape(-1), d.reshape(-1))
@@ -212,14 +212,6 @@ def _kl_clip_factor(vdot: Tensor, lr: float, kl_clip: float) -> Tensor:
     return torch.where(denom > 0, (kl_clip / safe).sqrt().clamp(max=1.0), torch.ones_like(denom))
 
 
-def _check_number(name: str, value: object, allow_zero: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: {value!r}; expected a number")
-    if value != value or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number {bound}")
-
-
 class KFAC(KroneckerOptimizer):
     """KFAC (Martens & Grosse 2015; KFC for conv): ``F̂ = G ⊗ A``. Arguments as for
     :class:`KroneckerOptimizer` (``scale_update_freq`` is ignored)."""
@@ -246,7 +238,7 @@ class TKFAC(KroneckerOptimizer):
 
 class TEKFAC(KroneckerOptimizer):
     """TEKFAC (Gao et al. 2020): the eigenbasis of TKFAC's ``Ψ ⊗ Φ`` with corrected
-    eigenvalues, DESIGN.md §2. Arguments as for :class:`KroneckerOptimizer`."""
+    eigenvalues, docs/design.md §2. Arguments as for :class:`KroneckerOptimizer`."""
 
     def __init__(self, model: nn.Module, **kwargs: object):
         super().__init__(model, "tekfac", **kwargs)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tekfac.factors import example_ranges
+from tekfac.chunks import example_ranges
 
 
 class Geometry(NamedTuple):

@@ -1,7 +1,9 @@
-"""The two diagonals that scale the Kronecker-factored eigenbasis (DESIGN.md §2(b), §4.3).
+"""The two diagonals that scale the Kronecker-factored eigenbasis (docs/design.md §2(b), §4.3).
 
 Every approximation is ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T`` with ``S`` of shape
-``(d_out, d_in)``; ``U_in (d_in, d_in)`` and ``U_out (d_out, d_out)`` are orthonormal bases.
+``(d_out, d_in)``; ``U_in (d_in, d_in)`` and ``U_out (d_out, d_out)`` are orthonormal bases. A
+scaling kind says how ``S`` follows a new basis, and whether it is re-fitted from per-example
+statistics between bases. :data:`SCALING_KINDS` is the registry; a new kind is one entry.
 """
 
 from __future__ import annotations
@@ -13,7 +15,66 @@ from torch import Tensor
 from tekfac.factors import per_example_gradients
 
 if TYPE_CHECKING:
-    from tekfac.capture import Examples
+    from tekfac.records import Examples
+
+
+class ScalingKind:
+    """A diagonal kind.
+
+    Attributes:
+        uses_scale: whether ``S`` depends on the factor kind's scale ``δ`` (so that ``δ`` must
+            be estimated with the factors).
+        refits: whether ``S`` is re-fitted from per-example statistics every
+            ``scale_update_freq`` steps (:meth:`estimate`); every rank then needs every basis.
+        factor_eigenvalues: whether ``S`` is a product of the factors' eigenvalues (which
+            factored π-damping needs).
+    """
+
+    uses_scale = False
+    refits = False
+    factor_eigenvalues = False
+
+    def on_new_basis(self, scaling: Tensor | None, scale: Tensor, old: tuple[Tensor, Tensor] |
+                     None, new: tuple[Tensor, Tensor], eigenvalues: tuple[Tensor, Tensor]
+                     ) -> Tensor | None:
+        """``S`` in a new basis ``new = (U_in, U_out)`` with factor eigenvalues
+        ``eigenvalues = (λ_in, λ_out)``, from the current ``scaling`` in the ``old`` basis
+        (``None`` before the first) and the factors' ``scale`` (``δ``)."""
+        raise NotImplementedError
+
+    def estimate(self, ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tensor:
+        """Batch estimate of ``S`` in the current basis (kinds that :attr:`refits` only)."""
+        raise NotImplementedError
+
+
+class KroneckerEigenvalues(ScalingKind):
+    """Products of the factors' eigenvalues: ``S = δ · λ_out λ_in^T`` (KFAC, TKFAC)."""
+
+    uses_scale = True
+    factor_eigenvalues = True
+
+    def on_new_basis(self, scaling, scale, old, new, eigenvalues):
+        return kronecker_scaling(*eigenvalues, scale)
+
+
+class CorrectedEigenvalues(ScalingKind):
+    """The EKFAC diagonal (George et al. 2018): the second moments of per-example gradients in
+    the basis, re-fitted as an EMA and carried exactly into every new basis (EKFAC, TEKFAC)."""
+
+    refits = True
+
+    def on_new_basis(self, scaling, scale, old, new, eigenvalues):
+        return None if scaling is None else carry_scaling(scaling, *old, *new)
+
+    def estimate(self, ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tensor:
+        return corrected_scaling(ex, basis_in, basis_out)
+
+
+#: Scaling kind name → implementation (docs/design.md §2(b)).
+SCALING_KINDS: dict[str, ScalingKind] = {
+    "kronecker": KroneckerEigenvalues(),
+    "corrected": CorrectedEigenvalues(),
+}
 
 
 def kronecker_scaling(eig_in: Tensor, eig_out: Tensor, scale: Tensor) -> Tensor:
@@ -23,7 +84,7 @@ def kronecker_scaling(eig_in: Tensor, eig_out: Tensor, scale: Tensor) -> Tensor:
 
 
 def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tensor:
-    """Batch estimate of the EKFAC diagonal (George et al. 2018) from one forward's examples.
+    """Batch estimate of the EKFAC diagonal from one forward's examples.
 
     .. math:: S = E[(U_{out}^T D_i U_{in})^{∘2}], \\quad D_i = G_i A_i^T,
 
@@ -32,7 +93,7 @@ def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tens
     no per-example gradient is materialised. Otherwise the cheaper of two exact orders:
     rotate ``a`` and ``g`` first (``2NT(d_in² + d_out²)`` FLOPs) or rotate each ``D_i``
     (``2N d_in d_out (d_in + d_out)``); both then form ``D_i`` at ``2NT d_in d_out`` (the
-    second without unfolding, :meth:`tekfac.capture.Examples.gradients`).
+    second without unfolding, :meth:`tekfac.records.Examples.gradients`).
     """
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
@@ -49,7 +110,7 @@ def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tens
 
 def carry_scaling(scaling: Tensor, old_in: Tensor, old_out: Tensor, new_in: Tensor,
                   new_out: Tensor) -> Tensor:
-    """The diagonal of the old ``F̂`` in a new basis (DESIGN.md §4.3).
+    """The diagonal of the old ``F̂`` in a new basis (docs/design.md §4.3).
 
     .. math:: S' = R_{out} S R_{in}^T, \\quad R = (U_{new}^T U_{old})^{∘2}.
     """

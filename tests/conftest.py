@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
 
+import tekfac.fisher
 from tekfac import METHODS
 
 
@@ -65,6 +68,26 @@ def argmax_labels(loss: str, outputs: torch.Tensor, generator: torch.Generator) 
     that two runs that split the same examples differently (micro-batches, ranks, which draw
     different labels by design) have comparable MC statistics."""
     return outputs.detach().argmax(1)
+
+
+def counting_argmax_labels(calls: list) -> Callable[..., torch.Tensor]:
+    """:func:`argmax_labels` that appends to ``calls`` each time it is used, so that a test
+    can assert that its patch of the sampler still applies."""
+    def sampler(loss: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        calls.append(loss)
+        return argmax_labels(loss, outputs, generator)
+
+    return sampler
+
+
+@pytest.fixture
+def argmax_sampler(monkeypatch) -> list:
+    """Replace the MC label sampler ``tekfac.fisher.sample_targets`` (the one name the sampled
+    backward draws labels through) by :func:`argmax_labels`; returns the list of its calls,
+    which a test using the MC Fisher asserts to be non-empty."""
+    calls: list = []
+    monkeypatch.setattr(tekfac.fisher, "sample_targets", counting_argmax_labels(calls))
+    return calls
 
 
 @pytest.fixture(params=list(METHODS))

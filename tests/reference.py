@@ -1,4 +1,4 @@
-"""Dense float64 references, built independently of the package (DESIGN.md §2).
+"""Dense float64 references, built independently of the package (docs/design.md §2).
 
 Per-example gradients ``D_i`` come from ``torch.func`` (``vmap`` of ``grad`` of a
 ``functional_call``); ``G_i`` from plain autograd through a zero probe added to the layer
@@ -90,7 +90,7 @@ def layer_references(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_
     """References for every Linear/Conv layer of ``model`` on the batch ``(x, y)``.
 
     The per-example loss is the training loss on the single example (so a batch-mean loss
-    times N), as in DESIGN.md §1.
+    times N), as in docs/design.md §1.
     """
     loss_fn = LOSSES[loss]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import tekfac
-import tekfac.preconditioner
-from tests.conftest import argmax_labels, batch, tiny_net, train
+from tests.conftest import batch, tiny_net, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -23,9 +22,8 @@ FAST = dict(cov_update_freq=1, eigen_update_freq=2, scale_update_freq=1)
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_cuda_training_matches_cpu(method, kind, fisher, monkeypatch):
+def test_cuda_training_matches_cpu(method, kind, fisher, argmax_sampler):
     # a deterministic label 'sampler', so that both devices draw the same MC labels
-    monkeypatch.setattr(tekfac.preconditioner, "sample_targets", argmax_labels)
     net, shape = tiny_net(kind)
     twin = copy.deepcopy(net).cuda()
     # 32 examples: every factor has full rank. (A null eigenspace's basis is arbitrary, and
@@ -37,5 +35,6 @@ def test_cuda_training_matches_cpu(method, kind, fisher, monkeypatch):
     train(twin, opts[1], [(x.cuda(), y.cuda()) for x, y in batches], mc=fisher == "mc")
     for p, q in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-6, atol=1e-9)
+    assert bool(argmax_sampler) == (fisher == "mc")
     layers = opts[1].preconditioner.state_dict()["layers"]
     assert all(t.device.type == "cuda" for state in layers.values() for t in state.values())

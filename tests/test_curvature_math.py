@@ -1,4 +1,4 @@
-"""DESIGN.md §2–§3 properties of all four methods against dense float64 references."""
+"""docs/design.md §2–§3 properties of all four methods against dense float64 references."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
-from tests.conftest import argmax_labels, tiny_net, train
+import tekfac.fisher
+from tests.conftest import counting_argmax_labels, tiny_net, train
 
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
 STEPS = 5
@@ -73,8 +74,10 @@ def _data(world, steps=STEPS):
 
 def _equal_to_reference(rank, world, tmp, fisher):
     mc = fisher == "mc"
+    sampled: list = []
     if mc:
-        tekfac.preconditioner.sample_targets = argmax_labels
+        assert hasattr(tekfac.fisher, "sample_targets")
+        tekfac.fisher.sample_targets = counting_argmax_labels(sampled)
     data = _data(world)
     references = {}
     for method in tekfac.METHODS:  # single process on the concatenated batches, no group yet
@@ -109,6 +112,8 @@ def _equal_to_reference(rank, world, tmp, fisher):
         assert sum(counts) == 12 and max(counts) < 12, counts
         assert ref_opt.preconditioner.eigendecompositions == 12
         assert opt.preconditioner.comm.bytes_sent > 0
+        assert opt.preconditioner.comm.wait_s > 0  # the statistics reductions were awaited
+    assert bool(sampled) == mc  # the sampler's patch applied
     if mc:
         _reduction_overlaps_the_backward(data[0][0][shard], data[0][1][shard])
 
@@ -160,7 +165,7 @@ def _owner_mode(rank, world, tmp):
         for p, q in zip(net.parameters(), ref_net.parameters()):
             assert (p - q).norm() <= 1e-10 * q.norm(), method
         pre = opt.preconditioner
-        mine = [la for la in pre.layers if pre.owners[la] == rank]
+        mine = [la for la in pre.layers if pre.work.owners[la] == rank]
         assert all(pre.states[la].basis_in is not None for la in mine)
         assert all(pre.states[la].basis_in is None for la in pre.layers if la not in mine)
         others = [la for la in pre.layers if la not in mine]

@@ -1,4 +1,4 @@
-"""Per-example quantities of :class:`tekfac.capture.Examples` — the gradients ``D_i``, their
+"""Per-example quantities of :class:`tekfac.records.Examples` — the gradients ``D_i``, their
 squared norms (``δ``) and the corrected scaling — against per-example gradients taken by
 ``torch.func`` (``vmap`` of ``grad``), for every branch of the cost-based choices; and the
 output-side factors for every layout of the output gradients."""
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tekfac import factors
-from tekfac.capture import Examples
-from tekfac.layers import KroneckerLayer
+from tekfac import chunks, factors
+from tekfac.layers import make_layer
+from tekfac.records import Examples
 from tekfac.scaling import corrected_scaling
 from tests.reference import layer_matrix
 
@@ -47,11 +47,12 @@ def reference_gradients(module: nn.Module, xs: list[torch.Tensor], gys: list[tor
 @pytest.fixture(params=list(CASES))
 def case(request, monkeypatch):
     """A layer's Examples (chunked into pieces of a few examples) and the exact ``D_i``."""
-    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)
+    assert len(chunks.example_ranges(2, 100)) == 2  # the patch reaches the chunking
     torch.manual_seed(0)
     module, shape, calls = CASES[request.param]
     module = module.double()
-    layer = KroneckerLayer("layer", module)
+    layer = make_layer("layer", module)
     xs = [torch.randn(5, *shape, dtype=torch.float64) for _ in range(calls)]
     gys = [torch.randn_like(module(x)) for x in xs]
     g = [layer.output_gradients(gy) for gy in gys]  # a convolution's: a transposed view
@@ -84,9 +85,9 @@ def test_output_side_factors(case):
     (per-example products) or ``T < d_out`` ("conv1d-gram": one product)."""
     ex, _ = case
     g, n = ex.g, ex.n
-    kfac = factors.kronecker_factors(ex)
-    torch.testing.assert_close(kfac.factor_out, torch.einsum("ntd,nte->de", g, g) / n)
-    tkfac = factors.trace_restricted_factors(ex, with_scale=False)
+    _, kfac_out = factors.FACTOR_KINDS["kronecker"].factors(ex)
+    torch.testing.assert_close(kfac_out, torch.einsum("ntd,nte->de", g, g) / n)
+    _, tkfac_out = factors.FACTOR_KINDS["trace_restricted"].factors(ex)
     weights = ex.input_sq_norms()
-    torch.testing.assert_close(tkfac.factor_out,
+    torch.testing.assert_close(tkfac_out,
                                torch.einsum("n,ntd,nte->de", weights, g, g) / n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
+import tekfac.state
 from tests.conftest import MeanOverSequence, batch, tiny_net, train
 
 OPTIMIZERS = {"kfac": tekfac.KFAC, "ekfac": tekfac.EKFAC, "tkfac": tekfac.TKFAC,
@@ -336,10 +338,27 @@ def test_state_dict_round_trips_every_statistic():
     train(net, opt, [batch(shape) for _ in range(3)])
     saved = opt.state_dict()
     layer_state = saved["curvature"]["layers"]["0"]
-    assert set(layer_state) == set(tekfac.curvature.STATE_KEYS)
+    assert set(layer_state) == set(tekfac.state.STATE_KEYS)
     assert saved["curvature"]["steps"] == 3
-    assert saved["curvature"]["seed"] == opt.preconditioner.seed
+    assert saved["curvature"]["seed"] == opt.preconditioner.fisher.seed
     assert all("momentum_buffer" in s for s in saved["state"].values())
+
+
+def test_checkpoints_of_release_0_1_0_keep_loading(method):
+    """``tests/data/checkpoint-0.1.0.pt`` was written by tekfac 0.1.0 (commit 7c2a4eb, before
+    the package was split into one module per concern): per method, the model and optimizer
+    state after 3 MC steps on the tiny CNN, and the parameters after 3 more. Loaded into this
+    version the 3 more steps must land on the same parameters."""
+    saved = torch.load(Path(__file__).parent / "data" / "checkpoint-0.1.0.pt", weights_only=True)
+    run = saved["runs"][method]
+    net, _ = tiny_net("cnn")
+    net.load_state_dict(run["model"])
+    opt = tekfac.KroneckerOptimizer(net, method, lr=0.05, seed=0, **FAST)
+    opt.load_state_dict(run["optim"])
+    assert opt.preconditioner.steps == 3 and opt.preconditioner.fisher.seed == 7
+    train(net, opt, saved["batches"][3:])
+    for p, expected in zip(net.parameters(), run["expected"], strict=True):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_loading_a_mismatched_state_is_a_clear_error():

@@ -15,8 +15,9 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import tekfac
+import tekfac.chunks
 from tekfac import patch_moments
-from tekfac.layers import KroneckerLayer, _padded
+from tekfac.layers import make_layer
 from tests.reference import layer_references
 
 PATHS = {"unfold": False, "correlation": True}
@@ -68,10 +69,13 @@ def convs(draw):
 def test_input_moment_and_norms_equal_the_jacobian_patches(case, path, monkeypatch):
     """``Σ_i w_i A_i A_iᵀ`` and ``tr(A_i A_iᵀ)`` by either path equal those of the exact
     patches, for every padding, padding mode, stride and dilation."""
-    monkeypatch.setattr(patch_moments, "correlation_is_cheaper", lambda *_: PATHS[path])
-    monkeypatch.setattr(tekfac.factors, "CHUNK_ELEMENTS", 50)  # a few examples at a time
+    asked = []
+    monkeypatch.setattr(patch_moments, "correlation_is_cheaper",
+                        lambda *_: asked.append(1) or PATHS[path])
+    monkeypatch.setattr(tekfac.chunks, "CHUNK_ELEMENTS", 50)  # a few examples at a time
+    assert len(tekfac.chunks.example_ranges(2, 50)) == 2
     conv, x = case
-    layer = KroneckerLayer("conv", conv)
+    layer = make_layer("conv", conv)
     a = jacobian_patches(conv, x)
     w = torch.rand(len(x), dtype=torch.float64)
     torch.testing.assert_close(layer.input_moment(x, w), torch.einsum("n,nit,njt->ij", w, a, a),
@@ -80,6 +84,7 @@ def test_input_moment_and_norms_equal_the_jacobian_patches(case, path, monkeypat
                                rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.input_sq_norms(x), a.square().sum(dim=(1, 2)),
                                rtol=1e-10, atol=1e-12)
+    assert asked  # the path was chosen by the patched rule
 
 
 def test_correlation_is_chosen_where_it_needs_fewer_flops():
@@ -89,21 +94,21 @@ def test_correlation_is_chosen_where_it_needs_fewer_flops():
     pairs on each of the ``14 + 4 - Δ`` input rows it reads, over the 14 output columns:
     ``2·14·(5C)²·80``, 4.4× fewer. A 1×1 convolution gains nothing."""
     conv = nn.Conv2d(32, 64, 5, padding=2)
-    _, geo = _padded(conv, torch.zeros(1, 32, 14, 14))
+    _, geo = make_layer("", conv).padded(torch.zeros(1, 32, 14, 14))
     assert geo == patch_moments.Geometry((5, 5), (1, 1), (1, 1), (14, 14))
     rows = sum(18 - d for d in range(5))
     assert rows == 80
     assert patch_moments.moment_flops(32, geo) == (2 * 196 * 800**2, 2 * 14 * rows * 160**2)
     assert patch_moments.correlation_is_cheaper(32, geo)
     # the correlation runs along the longer kernel axis: a Conv1d gains as much as a k×1 kernel
-    tall, wide = (_padded(nn.Conv2d(32, 64, k), torch.zeros(1, 32, 17, 17))[1]
+    tall, wide = (make_layer("", nn.Conv2d(32, 64, k)).padded(torch.zeros(1, 32, 17, 17))[1]
                   for k in ((7, 1), (1, 7)))
     assert patch_moments.moment_flops(32, tall) == patch_moments.moment_flops(32, wide)
-    assert patch_moments.correlation_is_cheaper(32, _padded(nn.Conv1d(32, 64, 5), torch.zeros(
-        1, 32, 100))[1])
-    pointwise = nn.Conv2d(32, 64, 1)
-    assert not patch_moments.correlation_is_cheaper(32, _padded(pointwise, torch.zeros(
-        1, 32, 14, 14))[1])
+    conv1d = make_layer("", nn.Conv1d(32, 64, 5))
+    assert patch_moments.correlation_is_cheaper(32, conv1d.padded(torch.zeros(1, 32, 100))[1])
+    pointwise = make_layer("", nn.Conv2d(32, 64, 1))
+    assert not patch_moments.correlation_is_cheaper(
+        32, pointwise.padded(torch.zeros(1, 32, 14, 14))[1])
 
 
 @pytest.mark.parametrize("method", ["kfac", "tekfac"])
@@ -118,7 +123,9 @@ def test_both_paths_give_the_reference_curvature(method, monkeypatch):
     y = torch.randint(0, 3, (4,))
     refs = layer_references(net, x, y)
     for use in PATHS.values():
-        monkeypatch.setattr(patch_moments, "correlation_is_cheaper", lambda *_, u=use: u)
+        asked = []
+        monkeypatch.setattr(patch_moments, "correlation_is_cheaper",
+                            lambda *_, u=use, asked=asked: asked.append(1) or u)
         model = copy.deepcopy(net)
         pre = tekfac.Preconditioner(model, method, fisher="empirical", cov_update_freq=1,
                                     eigen_update_freq=1, scale_update_freq=1)
@@ -133,3 +140,4 @@ def test_both_paths_give_the_reference_curvature(method, monkeypatch):
                 expected = (phi, psi)
             torch.testing.assert_close((state.factor_in, state.factor_out), expected,
                                        rtol=1e-9, atol=1e-12)
+        assert asked

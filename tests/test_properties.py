@@ -1,4 +1,4 @@
-"""Property-based checks of DESIGN.md §2 over random small architectures (hypothesis)."""
+"""Property-based checks of docs/design.md §2 over random small architectures (hypothesis)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
+import tekfac.chunks
 from tekfac import linalg
-from tests.conftest import argmax_labels, batch, tiny_net, train
+from tests.conftest import batch, tiny_net, train
 from tests.reference import layer_references
 
 EVERY = dict(cov_update_freq=1, eigen_update_freq=1, scale_update_freq=1)
@@ -218,13 +219,12 @@ def test_gradient_accumulation_matches_the_full_batch(kind, method):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-def test_mc_accumulation_combines_the_micro_batch_statistics(method, monkeypatch):
+def test_mc_accumulation_combines_the_micro_batch_statistics(method, argmax_sampler):
     """MC statistics are computed and reduced per micro-batch inside backward(); combined by
     their counts they equal the full batch's, also for the corrected scaling estimated early
     (step 1: the basis of step 0 is kept). Deterministic labels make the two runs comparable;
     24 examples make the factors full rank, so that their eigenbases are unique and the
     corrected scalings agree up to the roundoff rotation ~ε/gap of the basis."""
-    monkeypatch.setattr(tekfac.preconditioner, "sample_targets", argmax_labels)
     net, shape = tiny_net("cnn")
     twin = copy.deepcopy(net)
     freqs = dict(cov_update_freq=1, eigen_update_freq=2, scale_update_freq=1)
@@ -245,6 +245,7 @@ def test_mc_accumulation_combines_the_micro_batch_statistics(method, monkeypatch
         assert (dense - ref).norm() <= 1e-8 * ref.norm()
     for p, q in zip(twin.parameters(), net.parameters()):
         assert (p - q).norm() <= 1e-8 * q.norm()
+    assert argmax_sampler
 
 
 def test_mc_accumulation_counts_every_micro_batch():
@@ -421,7 +422,8 @@ def test_chunked_statistics_equal_whole_batch_statistics(method, monkeypatch):
     x, y = batch(shape, n=6)
     results = []
     for model, chunk in ((net, 1 << 22), (twin, 1)):
-        monkeypatch.setattr(tekfac.factors, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tekfac.chunks, "CHUNK_ELEMENTS", chunk)
+        assert len(tekfac.chunks.example_ranges(2, 1 << 21)) == (2 if chunk == 1 else 1)
         pre = tekfac.Preconditioner(model, method, fisher="empirical", **EVERY)
         F.cross_entropy(model(x), y).backward()
         pre.update_curvature()

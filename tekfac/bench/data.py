@@ -46,6 +46,15 @@ FASHION_MNIST_HOW_TO = (
 )
 
 
+# Shape (C, H, W) of one example of each data set: `load_dataset` returns images of shape
+# (N, *INPUT_SHAPES[name]), e.g. for building a model or random stand-in inputs without the data.
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "digits": (1, 8, 8),
+}
+
 # Per-channel mean and standard deviation of the training images (in [0, 1]).
 CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),

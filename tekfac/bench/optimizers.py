@@ -3,7 +3,7 @@
 Shared by all: the task's weight decay (coupled L2), a cosine learning-rate schedule over the
 whole run (one step per minibatch), and, for SGD and the four Kronecker methods, momentum 0.9.
 The Kronecker methods use the MC Fisher, KL clipping 1e-3, ``stat_decay`` 0.95 and statistics
-every 10 / eigenbases every 100 / corrected scalings every 10 steps (DESIGN.md §6); the tuned
+every 10 / eigenbases every 100 / corrected scalings every 10 steps (docs/design.md §6); the tuned
 hyper-parameters are the learning rate and, for them, the damping.
 """
 
@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 import tekfac
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
-SECOND_ORDER = ("kfac", "ekfac", "tkfac", "tekfac")
+#: The Kronecker methods: every method of the library (kfac, ekfac, tkfac, tekfac).
+SECOND_ORDER = tuple(tekfac.METHODS)
+#: Every optimizer of the comparison: the two first-order baselines, then the Kronecker methods.
+OPTIMIZERS = ("sgd", "adam", *SECOND_ORDER)
 
 #: Used when a task has no tuned configuration (see ``tekfac/bench/tuned/``); the values
-#: DESIGN.md §6 measured on the Fashion-MNIST CNN.
+#: docs/design.md §6 measured on the Fashion-MNIST CNN.
 DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.05},
     "adam": {"lr": 1e-3},

@@ -3,9 +3,11 @@
 Each optimizer gets :data:`TRIALS` grid points, each trained for the same number of epochs on
 the same training subset and scored on a validation split held out of the training set (never
 the test set). First-order methods spend their trials on a finer learning-rate grid; the
-Kronecker methods on a 3×3 grid of learning rate × damping spanning DESIGN.md §6's range.
+Kronecker methods on a 3×3 grid of learning rate × damping spanning docs/design.md §6's range.
 The chosen values and every trial are written to ``tekfac/bench/tuned/<task>.json``, which
-:func:`load_hparams` reads for the benchmark.
+:func:`load_hparams` reads for the benchmark. This module owns that file format: a JSON object
+whose ``"chosen"`` member maps each optimizer to its values; :func:`read_tuning_file` reads and
+validates one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from tekfac.bench.data import load_dataset, split_validation
@@ -33,7 +36,7 @@ def _grids(sgd: tuple[float, ...], adam: tuple[float, ...], lrs: tuple[float, ..
 
 #: The default grid, and per-task grids where a first tuning run put optima on the default
 #: grid's edge (recorded in docs/results/README.md). The autoencoder's loss is a mean over
-#: 784 pixels, which scales its Fisher by 1/784² (DESIGN.md §1), hence its smaller dampings.
+#: 784 pixels, which scales its Fisher by 1/784² (docs/design.md §1), hence its smaller dampings.
 SGD_LRS = (0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 ADAM_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 GRIDS = _grids(sgd=SGD_LRS, adam=ADAM_LRS, lrs=(0.01, 0.03, 0.1), dampings=(0.01, 0.1, 1.0))
@@ -54,13 +57,56 @@ def grid(task: str) -> dict[str, list[dict[str, float]]]:
     return TASK_GRIDS.get(task, GRIDS)
 
 
+class TuningFileError(ValueError):
+    """A tuning file is missing, is not a tuning file, or lacks values for an optimizer."""
+
+
+def tuning_path(task: str, folder: Path = TUNED_DIR) -> Path:
+    """The tuning file of ``task`` in ``folder``: ``folder/<task>.json``."""
+    return folder / f"{task}.json"
+
+
+def read_tuning_file(path: Path, optimizers: Iterable[str] = ()) -> dict[str, dict[str, float]]:
+    """Reads and validates a tuning file as written by ``tekfac tune``.
+
+    Args:
+        path: The file, ``<folder>/<task>.json`` (see :func:`tuning_path`).
+        optimizers: Optimizers that must have values in the file.
+
+    Returns:
+        The file's ``"chosen"`` values: optimizer name -> hyper-parameters.
+
+    Raises:
+        TuningFileError: The file does not exist, is not JSON with a ``"chosen"`` object, or
+            has no values for some of ``optimizers``; the message says how to fix it.
+    """
+    if not path.is_file():
+        raise TuningFileError(f"--tuned {str(path.parent)!r} has no tuning file for {path.stem} "
+                              f"(expected {path.name}, from tekfac tune --out)")
+    try:
+        chosen = json.loads(path.read_text())["chosen"]
+    except (ValueError, KeyError, TypeError):
+        chosen = None
+    if not isinstance(chosen, dict):
+        raise TuningFileError(f"{path} is not a tuning file (no 'chosen' values); write it with "
+                              "tekfac tune --out")
+    missing = [o for o in optimizers if o not in chosen]
+    if missing:
+        raise TuningFileError(f"{path} has no values for {', '.join(missing)}; tune them (tekfac "
+                              "tune --optimizers ...) or leave them out with --optimizers")
+    return chosen
+
+
 def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
     """The tuned hyper-parameters of ``task`` from ``folder/<task>.json`` and their source
-    (the file; its name only for the shipped folder), or the defaults if there is no file."""
-    path = folder / f"{task}.json"
+    (the file; its name only for the shipped folder), or the defaults if there is no file.
+
+    Raises:
+        TuningFileError: The file exists but is not a tuning file (see :func:`read_tuning_file`).
+    """
+    path = tuning_path(task, folder)
     if path.is_file():
-        return json.loads(path.read_text())["chosen"], str(path.name if folder == TUNED_DIR
-                                                           else path)
+        return read_tuning_file(path), str(path.name if folder == TUNED_DIR else path)
     return DEFAULT_HPARAMS, "defaults (no tuning file)"
 
 
@@ -110,7 +156,7 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int, train_size: in
     task = TASKS[task_name]
     result = tune(task, optimizers, epochs, train_size, data_dir, batch_size=batch_size,
                   device=device, quiet=quiet)
-    path = out or TUNED_DIR / f"{task_name}.json"
+    path = out or tuning_path(task_name)
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is not None and old.get("budget") == result["budget"]:  # keep the others' trials
         kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]

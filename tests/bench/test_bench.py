@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import tekfac
+from tekfac.bench import campaign as campaign_module
 from tekfac.bench import data as data_module
 from tekfac.bench import tune as tune_module
-from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS
+from tekfac.bench.data import INPUT_SHAPES
+from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS, SECOND_ORDER
 from tekfac.bench.report import SUMMARY_KEYS, plot, summarize, write_summary
 from tekfac.bench.runner import Split, run
 from tekfac.bench.tasks import TASKS
-from tekfac.bench.tune import TRIALS, grid, load_hparams
+from tekfac.bench.tune import (
+    TRIALS,
+    TuningFileError,
+    grid,
+    load_hparams,
+    read_tuning_file,
+    tuning_path,
+)
 from tekfac.cli import main
 
-SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
-          "digits": (1, 8, 8)}
 CHEAP = ("fmnist-autoencoder", "fmnist-cnn", "fmnist-vgg", "digits-mlp")
 
 
 def tiny_split(task, n=8):
-    x = torch.rand(n, *SHAPES[task.dataset])
+    x = torch.rand(n, *INPUT_SHAPES[task.dataset])
     classes = 100 if task.dataset == "cifar100" else 10
     y = torch.randint(0, classes, (n,))
     return Split(x, y, x[:4], y[:4])
@@ -101,6 +111,52 @@ def test_tuning_gives_every_optimizer_the_same_budget():
         assert set(hparams) >= set(OPTIMIZERS)
 
 
+def test_second_order_optimizers_are_the_library_methods():
+    assert tuple(tekfac.METHODS) == SECOND_ORDER
+    assert set(SECOND_ORDER) == {"kfac", "ekfac", "tkfac", "tekfac"}
+    assert ("sgd", "adam", *tekfac.METHODS) == OPTIMIZERS
+    assert set(DEFAULT_HPARAMS) == set(OPTIMIZERS)
+
+
+def test_read_tuning_file_returns_the_chosen_values(tmp_path):
+    chosen = {"sgd": {"lr": 0.1}, "tekfac": {"lr": 0.01, "damping": 0.1}}
+    path = tuning_path("digits-mlp", tmp_path)
+    assert path == tmp_path / "digits-mlp.json"
+    path.write_text(json.dumps({"chosen": chosen, "trials": []}))
+    assert read_tuning_file(path, ["sgd", "tekfac"]) == chosen
+    assert read_tuning_file(path) == chosen
+    assert load_hparams("digits-mlp", tmp_path) == (chosen, str(path))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "--tuned '{folder}' has no tuning file for digits-mlp (expected digits-mlp.json, "
+           "from tekfac tune --out)"),
+    ("{not json", "{path} is not a tuning file (no 'chosen' values); write it with tekfac "
+                  "tune --out"),
+    (json.dumps({"trials": []}), "{path} is not a tuning file"),
+    (json.dumps({"chosen": [1, 2]}), "{path} is not a tuning file"),
+    (json.dumps({"chosen": {"sgd": {"lr": 0.1}}}),
+     "{path} has no values for adam, tekfac; tune them (tekfac tune --optimizers ...) or "
+     "leave them out with --optimizers"),
+])
+def test_read_tuning_file_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "digits-mlp.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TuningFileError) as info:
+        read_tuning_file(path, ["sgd", "adam", "tekfac"])
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith(message.format(folder=tmp_path, path=path))
+
+
+def test_load_hparams_rejects_a_malformed_file(tmp_path):
+    (tmp_path / "digits-mlp.json").write_text(json.dumps({"chosen": "sgd"}))
+    with pytest.raises(TuningFileError, match="is not a tuning file"):
+        load_hparams("digits-mlp", tmp_path)
+    hparams, source = load_hparams("fmnist-cnn", tmp_path)  # no file: the defaults
+    assert hparams == DEFAULT_HPARAMS and source == "defaults (no tuning file)"
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["bench", "--tasks", "imagenet"], "invalid choice: 'imagenet'"),
     (["bench", "--optimizers", "lbfgs"], "invalid choice: 'lbfgs'"),
@@ -152,6 +208,34 @@ def test_cli_tune_uses_the_given_batch_size(tmp_path, monkeypatch):
                  "--train-size", "256", "--out", str(out)]) == 0
     assert batch_sizes == [64] * TRIALS
     assert json.loads(out.read_text())["budget"]["batch_size"] == 64
+
+
+def test_cli_bench_passes_its_settings_to_each_run(tmp_path, monkeypatch):
+    calls = []
+
+    def recording_run(task, split, optimizer, hparams, seed, epochs, batch_size, device, quiet,
+                      emit):
+        calls.append((task.name, optimizer, seed, epochs, batch_size, device, quiet,
+                      len(split.train_x)))
+        return run(task, split, optimizer, hparams, seed, epochs, batch_size, device, quiet,
+                   emit)
+
+    monkeypatch.setattr(campaign_module, "run", recording_run)
+    out = tmp_path / "res"
+    assert main(["bench", "--preset", "smoke", "--epochs", "1", "--seeds", "2", "--optimizers",
+                 "sgd", "adam", "--batch-size", "32", "--train-size", "300", "--out", str(out),
+                 "--quiet"]) == 0
+    assert calls == [("digits-mlp", opt, seed, 1, 32, "cpu", True, 300)
+                     for opt in ("sgd", "adam") for seed in (0, 1)]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 8
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    result = subprocess.run([sys.executable, "-m", "tekfac", "bench", "--epochs", "0"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: tekfac ")
+    assert "tekfac: error: --epochs must be at least 1, got 0" in result.stderr
 
 
 def test_cli_bench_reads_hyper_parameters_from_tuned_folder(tmp_path):

@@ -11,6 +11,8 @@ import torch
 
 from tekfac.bench import data
 from tekfac.bench.data import (
+    DATASET_NAMES,
+    INPUT_SHAPES,
     DataError,
     augment_cifar,
     iterate_minibatches,
@@ -236,16 +238,22 @@ def test_cifar10_reads_python_batches_exactly(tmp_path, subfolder):
     assert ds.train_y.tolist() == train_y.tolist() and ds.test_y.tolist() == test_y.tolist()
 
 
-def test_cifar100_reads_fine_labels(tmp_path, monkeypatch):
+def write_cifar100(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Writes 4 training and 2 test images with fine labels [99, 0, 50, 7] and [5, 6]; returns
+    the training and test images."""
     rng = np.random.default_rng(1)
-    directory = tmp_path / "cifar-100-python"
-    directory.mkdir()
+    directory.mkdir(parents=True, exist_ok=True)
     train_x, test_x = random_images(rng, 4), random_images(rng, 2)
     train_labels = {b"fine_labels": [99, 0, 50, 7], b"coarse_labels": [1, 2, 3, 4]}
     write_cifar_batch(directory / "train", train_x, train_labels)
     write_cifar_batch(
         directory / "test", test_x, {b"fine_labels": [5, 6], b"coarse_labels": [0, 0]}
     )
+    return train_x, test_x
+
+
+def test_cifar100_reads_fine_labels(tmp_path, monkeypatch):
+    train_x, test_x = write_cifar100(tmp_path / "cifar-100-python")
     monkeypatch.setenv("TEKFAC_DATA", str(tmp_path))
 
     ds = load_dataset("cifar100")
@@ -313,6 +321,22 @@ def test_digits():
     assert ds.train_y.dtype == torch.int64 and set(ds.test_y.tolist()) == set(range(10))
     again = load_dataset("digits")
     assert torch.equal(ds.train_x, again.train_x) and torch.equal(ds.test_y, again.test_y)
+
+
+WRITERS = {"fashion-mnist": write_fashion_mnist, "cifar10": write_cifar10,
+           "cifar100": write_cifar100}
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_input_shapes_are_those_the_loaders_return(tmp_path, name):
+    """`INPUT_SHAPES` names every data set; digits is scikit-learn's real data, the others are
+    the small files in the real formats that the tests above read."""
+    assert set(INPUT_SHAPES) == set(DATASET_NAMES)
+    if name in WRITERS:
+        WRITERS[name](tmp_path)
+    ds = load_dataset(name, tmp_path if name in WRITERS else None)
+    assert ds.train_x.shape[1:] == INPUT_SHAPES[name]
+    assert ds.test_x.shape[1:] == INPUT_SHAPES[name]
 
 
 def test_unknown_dataset_lists_known_names():

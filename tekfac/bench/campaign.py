@@ -1,0 +1,160 @@
+"""``tekfac bench``: train every (task, optimizer, seed) and write the comparison's reports.
+
+A campaign takes its tasks, seeds and epochs from a preset (:data:`PRESETS`) unless given,
+the hyper-parameters from the tuning files (:func:`tekfac.bench.tune.load_hparams`), and
+trains each run with :func:`tekfac.bench.runner.run`. Into its output folder it writes
+``config.json`` (the settings, the hyper-parameters and their source, the machine), then
+``runs.jsonl`` (one record per epoch, appended as the runs go), and at the end
+``summary.json``, ``summary.md`` and one plot per task (:mod:`tekfac.bench.report`).
+
+A campaign can be resumed in the same folder with the same settings: its finished runs are
+kept and only the others are trained. Inside a process group every rank trains every run
+(the runner splits each minibatch) and rank 0 alone records and reports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tekfac.bench.data import Dataset, load_dataset
+from tekfac.bench.processes import flushes_denormals
+from tekfac.bench.report import finished_records, markdown_table, plot, write_summary
+from tekfac.bench.runner import Split, run
+from tekfac.bench.tasks import TASKS, Task
+from tekfac.bench.tune import TUNED_DIR, load_hparams
+
+#: The campaigns ``tekfac bench --preset`` names: tasks, number of seeds, epochs per run.
+PRESETS: dict[str, dict] = {
+    "smoke": dict(tasks=["digits-mlp"], seeds=1, epochs=10),
+    "quick": dict(tasks=["fmnist-cnn", "fmnist-autoencoder"], seeds=1, epochs=2),
+    "full": dict(tasks=["fmnist-cnn", "fmnist-autoencoder", "fmnist-vgg"], seeds=3, epochs=10),
+}
+
+
+def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str],
+               seeds: int | None, epochs: int | None, batch_size: int, train_size: int | None,
+               data_dir: str | None, device: str, out: Path | None, resume: bool,
+               tuned: Path | None, quiet: bool, command: str) -> None:
+    """``tekfac bench``: run a campaign and write its outputs.
+
+    Args:
+        preset: Key of :data:`PRESETS`; gives ``tasks``, ``seeds`` and ``epochs`` not given.
+        tasks: Task names (keys of :data:`tekfac.bench.tasks.TASKS`), or None.
+        optimizers: Optimizer names, each trained on every task and seed.
+        seeds: Number of seeds (0, 1, ...), or None.
+        epochs: Epochs per run, or None.
+        batch_size: Global minibatch size.
+        train_size: Train on the first ``train_size`` training examples only (None: all).
+        data_dir: Folder of the data sets (see :func:`tekfac.bench.data.load_dataset`).
+        device: Torch device of the runs.
+        out: Output folder (None: ``results/<timestamp>``).
+        resume: Keep the finished runs in ``out`` and train the others.
+        tuned: Folder of the tuning files (None: the shipped ``tekfac/bench/tuned/``).
+        quiet: Plain log lines instead of progress bars.
+        command: The command line, recorded in ``config.json``.
+
+    Raises:
+        tekfac.bench.data.DataError: A data set cannot be loaded.
+        SystemExit: ``resume`` with settings that differ from the earlier invocation's.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    defaults = PRESETS[preset]
+    tasks = tasks or defaults["tasks"]
+    seeds = range(seeds or defaults["seeds"])
+    epochs = epochs or defaults["epochs"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out or Path("results") / stamp
+    datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, data_dir) for t in tasks}
+    hparams = {t: load_hparams(t, tuned or TUNED_DIR) for t in tasks}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    settings = dict(tasks=tasks, optimizers=optimizers, seeds=list(seeds), epochs=epochs,
+                    batch_size=batch_size, train_size=train_size,
+                    hparams={t: {"values": h, "source": s} for t, (h, s) in hparams.items()})
+    config = dict(command=command, **settings, device=device, processes=world,
+                  machine=dict(platform=platform.platform(), processor=platform.machine(),
+                               cpus=os.cpu_count(), torch=torch.__version__,
+                               threads=torch.get_num_threads(),
+                               flush_denormal=flushes_denormals(device)))
+    records = _resumed(out, settings, config) if resume and rank == 0 else []
+    done = {(r["task"], r["optimizer"], r["seed"]) for r in records}
+    if dist.is_initialized():  # every rank skips the same runs
+        shared = [sorted(done)]
+        dist.broadcast_object_list(shared, src=0)
+        done = {tuple(key) for key in shared[0]}
+
+    def train(emit: Callable[[dict], None] | None) -> None:
+        for name in tasks:
+            task = TASKS[name]
+            _run_task(task, datasets[task.dataset], hparams[name][0], optimizers, seeds,
+                      epochs=epochs, batch_size=batch_size, train_size=train_size,
+                      device=device, quiet=quiet, emit=emit, done=done)
+
+    if rank == 0:
+        _record_and_report(out, config, records, train)
+    else:  # the other ranks train; rank 0 records and reports
+        train(None)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 writes the reports; leave together
+
+
+def _record_and_report(out: Path, config: dict, records: list[dict],
+                       train: Callable[[Callable[[dict], None]], None]) -> None:
+    """Writes ``config.json``; ``runs.jsonl`` (the kept ``records``, then each new record of
+    ``train(emit)`` as it comes); then the summary and the plots, and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with (out / "runs.jsonl").open("w") as log:
+        def emit(record: dict) -> None:
+            records.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        for record in records:  # the kept runs of an earlier invocation
+            log.write(json.dumps(record) + "\n")
+        start = time.perf_counter()
+        train(emit)
+    write_summary(records, out)
+    plot(records, out)
+    print(markdown_table(json.loads((out / "summary.json").read_text())))
+    print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
+
+
+def _resumed(out: Path, settings: dict, config: dict) -> list[dict]:
+    """The records of the finished runs in ``out`` (those with every epoch); refuses settings
+    that differ from the earlier invocation's. Adds the earlier commands to ``config``."""
+    earlier = json.loads((out / "config.json").read_text())
+    changed = [k for k, v in settings.items() if earlier.get(k) != json.loads(json.dumps(v))]
+    if changed:
+        raise SystemExit(f"tekfac: cannot resume {out}: {', '.join(changed)} differ from the "
+                         "earlier run's config.json; rerun with its settings or use a new --out")
+    config["resumed_by"] = [*earlier.get("resumed_by", []), config["command"]]
+    config["command"] = earlier["command"]
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
+               if line.strip()]
+    return finished_records(records, settings["epochs"])
+
+
+def _run_task(task: Task, data: Dataset, hparams: dict[str, dict[str, float]],
+              optimizers: Sequence[str], seeds: range, *, epochs: int, batch_size: int,
+              train_size: int | None, device: str, quiet: bool,
+              emit: Callable[[dict], None] | None,
+              done: Collection[tuple[str, str, int]] = frozenset()) -> None:
+    """Trains ``task`` with each optimizer and seed, skipping the (task, optimizer, seed) runs
+    in ``done``; ``emit`` receives each record (None on the ranks that do not record)."""
+    n = train_size or len(data.train_x)
+    split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+    for optimizer in optimizers:
+        for seed in seeds:
+            if (task.name, optimizer, seed) in done:
+                continue
+            run(task, split, optimizer, hparams[optimizer], seed, epochs, batch_size, device,
+                quiet, emit)

@@ -1,0 +1,110 @@
+"""One layer's curvature state and its updates (docs/design.md §4.1–3); checkpoint keys.
+
+:class:`LayerState` holds a layer's running statistics, its current eigenbasis and the
+diagonal ``S`` in that basis, and knows how each is updated: an EMA of new statistics
+(:meth:`LayerState.fold_factors`, :meth:`LayerState.fold_scaling`) and the installation of a
+fresh eigendecomposition (:meth:`LayerState.install_basis`), with ``S`` following the basis as
+the scaling kind says. Its fields are the checkpoint format (:data:`STATE_KEYS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tekfac.factors import FactorStatistics
+from tekfac.scaling import ScalingKind
+
+
+@dataclass
+class LayerState:
+    """Running statistics and the current eigenbasis of one layer (all in ``factor_dtype``).
+
+    Attributes:
+        factor_in: EMA of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
+        factor_out: EMA of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
+        scale: EMA of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling replaces
+            ``δ``), 0-dim.
+        basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``.
+        eig_in / eig_out: their eigenvalues, ``(d_in,)`` and ``(d_out,)``, clamped at 0.
+        basis_scale: ``δ`` when the basis was computed, 0-dim.
+        scaling: the diagonal ``S`` in the current basis, ``(d_out, d_in)``.
+    """
+
+    factor_in: Tensor | None = None
+    factor_out: Tensor | None = None
+    scale: Tensor | None = None
+    basis_in: Tensor | None = None
+    basis_out: Tensor | None = None
+    eig_in: Tensor | None = None
+    eig_out: Tensor | None = None
+    basis_scale: Tensor | None = None
+    scaling: Tensor | None = None
+
+    def fold_factors(self, stats: FactorStatistics, decay: float) -> None:
+        """EMA of the factors and ``δ`` with weight ``decay`` on the old values; the first
+        update takes the batch estimate as it is (no identity prior)."""
+        first = self.factor_in is None
+        self.factor_in = stats.factor_in if first else _ema(self.factor_in, stats.factor_in,
+                                                            decay)
+        self.factor_out = stats.factor_out if first else _ema(self.factor_out,
+                                                              stats.factor_out, decay)
+        self.scale = stats.scale if first else _ema(self.scale, stats.scale, decay)
+
+    def install_basis(self, eig_in: Tensor, basis_in: Tensor, eig_out: Tensor,
+                      basis_out: Tensor, kind: ScalingKind) -> None:
+        """Make a fresh eigendecomposition of the factors the basis, ``S`` following it as
+        ``kind`` says (Kronecker eigenvalues, or the old ``F̂``'s diagonal carried over)."""
+        old = None if self.basis_in is None else (self.basis_in, self.basis_out)
+        self.scaling = kind.on_new_basis(self.scaling, self.scale, old, (basis_in, basis_out),
+                                         (eig_in, eig_out))
+        self.basis_in, self.basis_out = basis_in, basis_out
+        self.eig_in, self.eig_out, self.basis_scale = eig_in, eig_out, self.scale
+
+    def fold_scaling(self, estimate: Tensor, decay: float) -> None:
+        """EMA of a re-fitted ``S`` in the current basis (the first is taken as it is)."""
+        self.scaling = estimate if self.scaling is None else _ema(self.scaling, estimate, decay)
+
+    def drop_basis(self) -> None:
+        """Forget the basis and ``S`` (a rank that does not own the layer keeps neither)."""
+        for key in BASIS_KEYS:
+            setattr(self, key, None)
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The tensors that are set, keyed by field name (checkpoint format)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Tensor], name: str, d_in: int, d_out: int,
+                  device: torch.device) -> LayerState:
+        """The state saved by :meth:`to_dict` for a ``(d_out, d_in)`` layer called ``name``,
+        on ``device``; ``ValueError`` for unknown keys or wrong shapes."""
+        unknown = set(entry) - set(STATE_KEYS)
+        if unknown:
+            raise ValueError(f"state_dict layer {name!r} has unknown keys {unknown}")
+        for key, shape in state_shapes(d_in, d_out).items():
+            value = entry.get(key)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"state_dict does not match layer {name!r}: {key} has shape "
+                                 f"{tuple(value.shape)}, expected {shape}")
+        return cls(**{k: v.to(device) for k, v in entry.items()})
+
+
+def _ema(old: Tensor, new: Tensor, decay: float) -> Tensor:
+    return torch.lerp(new, old, decay)
+
+
+#: Checkpoint keys of a layer's state, in one place.
+STATE_KEYS = tuple(f.name for f in dataclasses.fields(LayerState))
+#: The keys that belong to the basis (kept only by the layer's owner in 'owner' mode).
+BASIS_KEYS = ("basis_in", "basis_out", "eig_in", "eig_out", "basis_scale", "scaling")
+
+
+def state_shapes(d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every :class:`LayerState` field of a ``(d_out, d_in)`` layer."""
+    return {"factor_in": (d_in, d_in), "factor_out": (d_out, d_out), "scale": (),
+            "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
+            "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
