@@ -31,12 +31,14 @@ class Capture:
     Attributes:
         recording: whether the current step collects statistics.
         calls: layer → its calls of this step, in order.
+        last_layer: the layer of the latest recorded call (the one nearest the outputs).
     """
 
     def __init__(self, model: nn.Module, layers: list[KroneckerLayer], keep_edges: bool):
         self.recording = False
         self.keep_edges = keep_edges
         self.calls: dict[KroneckerLayer, list[Call]] = {}
+        self.last_layer: KroneckerLayer | None = None
         self._forward = 0
         self._handles = [model.register_forward_pre_hook(self._count_forward)]
         self._handles += [layer.module.register_forward_hook(self._hook(layer))
@@ -50,13 +52,16 @@ class Capture:
             if not (self.recording and module.training and torch.is_grad_enabled()
                     and output.requires_grad):
                 return
-            call = Call(self._forward, args[0].detach(), output.shape)
+            inputs = layer.batched(args[0].detach())
+            shape = output.shape if inputs.dim() == args[0].dim() else (1, *output.shape)
+            call = Call(self._forward, inputs, torch.Size(shape))
             target = _differentiated(output)
             if self.keep_edges:
                 call.edge = get_gradient_edge(target)
             else:
                 target.register_hook(call.receive)
             self.calls.setdefault(layer, []).append(call)
+            self.last_layer = layer
 
         return forward_hook
 
@@ -88,6 +93,7 @@ class Capture:
     def clear(self) -> None:
         """Forget this step's records."""
         self.calls.clear()
+        self.last_layer = None
 
     def remove(self) -> None:
         """Remove the hooks from the model."""

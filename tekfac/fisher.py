@@ -34,16 +34,23 @@ if TYPE_CHECKING:
 
 
 class Likelihood(NamedTuple):
-    """A loss as a negative log-likelihood: a sampler of targets and the loss itself."""
+    """A loss as a negative log-likelihood: a sampler of targets, the loss itself, and
+    whether its outputs have a class axis (dimension 1, or 0 for one unbatched example)."""
 
     sample: Callable[[Tensor, torch.Generator], Tensor]
     loss: Callable[..., Tensor]
+    class_axis: bool = False
 
 
 def _categorical(f: Tensor, generator: torch.Generator) -> Tensor:
-    probs = torch.softmax(f.float(), dim=1).movedim(1, -1)
+    probs = torch.softmax(f.float(), dim=_class_dim(f)).movedim(_class_dim(f), -1)
     labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return labels.reshape(probs.shape[:-1])
+
+
+def _class_dim(outputs: Tensor) -> int:
+    """The class axis of logits as ``F.cross_entropy`` reads them: 1, or 0 for ``(C,)``."""
+    return 1 if outputs.dim() > 1 else 0
 
 
 def _gaussian(f: Tensor, generator: torch.Generator) -> Tensor:
@@ -57,10 +64,24 @@ def _bernoulli(f: Tensor, generator: torch.Generator) -> Tensor:
 
 #: Loss name → its likelihood (the MC sampling distribution).
 LIKELIHOODS: dict[str, Likelihood] = {
-    "cross_entropy": Likelihood(_categorical, F.cross_entropy),
+    "cross_entropy": Likelihood(_categorical, F.cross_entropy, class_axis=True),
     "mse": Likelihood(_gaussian, F.mse_loss),
     "bce_with_logits": Likelihood(_bernoulli, F.binary_cross_entropy_with_logits),
 }
+
+
+def check_layout(loss: str, outputs: Tensor, width: int) -> None:
+    """Refuse ``outputs`` whose class axis cannot be the loss's, given ``width``, the output
+    width of the last tracked layer that made them: logits ``(N, T, V)`` whose last axis, not
+    dimension 1, has the layer's ``V`` classes (the loss was given another view of them)."""
+    if not LIKELIHOODS[loss].class_axis or outputs.dim() < 3:
+        return
+    if outputs.shape[1] != width and outputs.shape[-1] == width:
+        raise ValueError(
+            f"optimizer.backward got outputs of shape {tuple(outputs.shape)}, whose class axis "
+            f"(dimension 1, as F.cross_entropy reads it) has {outputs.shape[1]} entries, while "
+            f"the last tracked layer gives {width} per position: pass exactly the tensor given "
+            "to the loss, e.g. logits.view(-1, logits.shape[-1]) or logits.transpose(1, -1)")
 
 
 def sample_targets(loss: str, outputs: Tensor, generator: torch.Generator) -> Tensor:
@@ -100,13 +121,15 @@ class FisherKind:
         scaler = self.grad_scaler
         return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
 
-    def grad_multiplier(self, num_examples: int) -> float:
-        """What the recorded output gradients are multiplied by to be per-example gradients
-        of the unscaled loss, for a step of ``num_examples`` examples."""
+    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
+        """What the output gradients recorded in one forward of ``forward_examples`` examples
+        (a micro-batch), in a step of ``step_examples``, are multiplied by to be per-example
+        gradients of the unscaled loss."""
         raise NotImplementedError
 
-    def record(self, outputs: Tensor, calls: Sequence[Call], step: int) -> None:
-        """Record the output gradients of ``calls`` before the user's backward (if needed)."""
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
+        """Record the output gradients of ``calls`` before the user's backward, if this kind
+        needs to; ``width`` is the output width of the last tracked layer called."""
 
     def check_recorded(self, has_calls: bool) -> None:
         """Raise if the statistics of a step with ``has_calls`` lack their gradients."""
@@ -119,14 +142,17 @@ class EmpiricalFisher(FisherKind):
     """The gradients of the user's loss: for a batch mean they are per-example gradients
     divided by ``N``, hence multiplied back by ``N``."""
 
-    def grad_multiplier(self, num_examples: int) -> float:
-        per_example = num_examples if self.reduction == "mean" else 1
+    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
+        per_example = step_examples if self.reduction == "mean" else 1
         return per_example / self.loss_scale()
 
 
 class MonteCarloFisher(FisherKind):
-    """The true Fisher: a backward of the loss at labels sampled from ``outputs``, summed
-    over the examples (so per example already), scaled like the user's loss."""
+    """The true Fisher: a backward of the loss at labels sampled from ``outputs`` (one label
+    per position along the class axis), scaled like the user's loss. For a batch mean the
+    gradients of each forward are multiplied by its own example count, the leading dimension
+    of the layer's input (docs/design.md §4b), never by the rows of ``outputs``: they are
+    per-example gradients whatever the layout of ``outputs``."""
 
     samples = True
 
@@ -136,18 +162,18 @@ class MonteCarloFisher(FisherKind):
         self._micro_batches = 0
         self._sampled = False
 
-    def grad_multiplier(self, num_examples: int) -> float:
-        return 1 / self.loss_scale()
+    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
+        per_example = forward_examples if self.reduction == "mean" else 1
+        return per_example / self.loss_scale()
 
-    def record(self, outputs: Tensor, calls: Sequence[Call], step: int) -> None:
-        """Differentiate ``Σ_i l(f(x_i), y_i)`` with ``y_i ~ p(y | f(x_i))`` (times the loss
-        scale) w.r.t. the calls' output edges, keeping the graph for the user's backward."""
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
+        """Differentiate the loss at ``y ~ p(y | outputs)`` (times the loss scale) w.r.t. the
+        calls' output edges, keeping the graph for the user's backward."""
         if not calls:
             return
+        check_layout(self.loss, outputs, width)
         targets = sample_targets(self.loss, outputs, self.generator(outputs.device, step))
         sampled = sampled_loss(self.loss, outputs, targets, self.reduction) * self.loss_scale()
-        if self.reduction == "mean":  # per-example gradients of this micro-batch
-            sampled = sampled * outputs.shape[0]
         grads = torch.autograd.grad(sampled, [call.edge for call in calls], retain_graph=True,
                                     allow_unused=True)
         for call, grad in zip(calls, grads):

@@ -15,8 +15,10 @@ views. A new layer kind is one subclass and one :data:`LAYER_KINDS` entry.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +34,16 @@ class KroneckerLayer:
     Attributes:
         name: qualified module name in the model.
         module: the module.
+        unbatched_dims: the dimensions of one unbatched example's input (PyTorch accepts an
+            input without the batch dimension: ``(d,)`` for Linear, ``(C, L)`` for Conv1d,
+            ``(C, H, W)`` for Conv2d).
         has_bias: whether ``M`` has a bias column.
         d_in: columns of ``M``: ``in_features`` or ``in_channels·prod(kernel_size)``, plus one
             for the bias.
         d_out: rows of ``M``: ``out_features`` or ``out_channels``.
     """
+
+    unbatched_dims = 1
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module = name, module
@@ -82,6 +89,11 @@ class KroneckerLayer:
         return pieces
 
     # ------------------------------------------------------------ the canonical views
+    def batched(self, x: Tensor) -> Tensor:
+        """The layer's input with a leading batch dimension: one unbatched example becomes a
+        batch of one."""
+        return x[None] if x.dim() == self.unbatched_dims else x
+
     def inputs(self, x: Tensor) -> Tensor:
         """Layer input to ``a`` of shape ``(N, T, d_in)`` (patches for conv, ones for bias)."""
         a = self._features(x)
@@ -128,15 +140,13 @@ class KroneckerLayer:
 
 
 class LinearLayer(KroneckerLayer):
-    """``nn.Linear`` on inputs of any leading dimensions: every position of one example is
-    one of its ``T`` locations; a 1-d input is one example with ``T = 1``."""
+    """``nn.Linear`` on batched inputs of any leading dimensions: every position of one
+    example is one of its ``T`` locations."""
 
     def _features(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def output_gradients(self, gy: Tensor) -> Tensor:
-        if gy.dim() == 1:
-            return gy.reshape(1, 1, -1)
         return gy.reshape(gy.shape[0], -1, gy.shape[-1])
 
     def locations(self, x: Tensor) -> int:
@@ -155,6 +165,7 @@ class ConvLayer(KroneckerLayer):
                 "single Kronecker block; pass exclude=[model.<that layer>] (or its name) to give "
                 "it the first-order step instead")
         super().__init__(name, module)
+        self.unbatched_dims = 2 if isinstance(module, nn.Conv1d) else 3
 
     def _features(self, x: Tensor) -> Tensor:
         """Unfolded input patches ``(N, T, C_in·prod(kernel))``, columns in the order of
@@ -244,31 +255,117 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, wrappers) else model
 
 
-def find_layers(model: nn.Module, exclude: Iterable[nn.Module | str] = ()) -> list[KroneckerLayer]:
-    """The supported, trainable, not excluded layers of ``model`` in module order.
+class Untracked(NamedTuple):
+    """A module with parameters of its own that gets no Kronecker block, and why."""
 
-    ``exclude`` holds modules, or ``fnmatch`` patterns matched against qualified module names
-    (``"classifier.*"``). Excluding a module excludes its sub-modules.
+    name: str
+    module: nn.Module
+    reason: str
+
+
+def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = ()
+                ) -> tuple[list[KroneckerLayer], list[Untracked]]:
+    """The supported, trainable, not excluded layers of ``model`` in module order, and every
+    other module with parameters of its own, with the reason it is left to the first-order
+    step.
+
+    ``exclude`` holds modules, parameters (their layer is excluded: a block covers the weight
+    and the bias together), or ``fnmatch`` patterns matched against qualified module names
+    (``"classifier.*"``); excluding a module excludes its sub-modules. An entry that matches
+    nothing in the model is an error (a typo would otherwise pass unnoticed), and so are
+    grouped convolutions that are not excluded: all of them are named in one message.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
-    exclude = list(exclude)
+    named = dict(model.named_modules())
+    excluded = _excluded_modules(model, named, list(exclude))
+    inside_attention = {id(m) for a in named.values() if isinstance(a, nn.MultiheadAttention)
+                        for m in a.modules() if m is not a}
+    layers, untracked, grouped = [], [], []
+    for name, module in named.items():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        reason = excluded.get(id(module))
+        if reason is None and id(module) in inside_attention:
+            reason = ("inside nn.MultiheadAttention, which calls F.linear with its weight, so "
+                      "no statistics would reach it")
+        if reason is None and not is_supported(module):
+            reason = f"{type(module).__name__} has no Kronecker block"
+        if reason is None and not all(p.requires_grad for p in own):
+            reason = "frozen (requires_grad=False)"
+        if reason is None and getattr(module, "groups", 1) != 1:
+            grouped.append(f"{name!r} (groups={module.groups})")
+            continue
+        if reason is None:
+            layers.append(make_layer(name, module))
+        else:
+            untracked.append(Untracked(name, module, reason))
+    if grouped:
+        raise ValueError(
+            f"Layers {', '.join(grouped)} are grouped convolutions, which have no single "
+            "Kronecker block; pass exclude=[...] with these layers (or their names) to give "
+            "them the first-order step instead")
+    _check_shared(layers)
+    return layers, untracked
+
+
+def _check_shared(layers: list[KroneckerLayer]) -> None:
+    """Refuse a parameter held by two tracked layers: each would precondition the shared
+    gradient with its own block, and only one direction can be applied (docs/design.md §7).
+    (A parameter shared with an untracked module, such as an embedding tied to an output
+    layer, is preconditioned by the tracked layer's block alone.)"""
+    holders: dict[int, str] = {}
+    for layer in layers:
+        for param in layer.params:
+            if id(param) in holders:
+                raise ValueError(
+                    f"Layers {holders[id(param)]!r} and {layer.name!r} share a parameter of "
+                    f"shape {tuple(param.shape)}; a Kronecker block belongs to one layer: pass "
+                    f"exclude=[{layer.name!r}] (or both names) to leave the shared parameter "
+                    "to one block (or to the first-order step)")
+            holders[id(param)] = layer.name
+
+
+def _excluded_modules(model: nn.Module, named: dict[str, nn.Module],
+                      exclude: list[nn.Module | nn.Parameter | str]) -> dict[int, str]:
+    """``id(module)`` → why it is excluded, for every module the ``exclude`` entries name."""
+    owners = {id(p): m for m in named.values() for p in m.parameters(recurse=False)}
+    modules = {id(m) for m in named.values()}
+    found: dict[int, str] = {}
     for item in exclude:
-        if not isinstance(item, (nn.Module, str)):
-            raise TypeError(f"Invalid exclude entry {item!r}: expected a module or a name pattern")
-    excluded_modules = {id(m) for e in exclude if isinstance(e, nn.Module) for m in e.modules()}
-    patterns = [e for e in exclude if isinstance(e, str)]
-    layers = []
-    for name, module in model.named_modules():
-        if not is_supported(module) or id(module) in excluded_modules:
-            continue
-        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*")
-               for p in patterns):
-            continue
-        if not all(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        layers.append(make_layer(name, module))
-    return layers
+        if isinstance(item, nn.Parameter):
+            if id(item) not in owners:
+                raise ValueError(f"Invalid exclude entry: a parameter of shape "
+                                 f"{tuple(item.shape)} that is not one of the model's")
+            found[id(owners[id(item)])] = "excluded (one of its parameters)"
+        elif isinstance(item, nn.Module):
+            if id(item) not in modules:
+                raise ValueError(f"Invalid exclude entry: the {type(item).__name__} "
+                                 f"{item!r} is not a module of the model")
+            found.update({id(m): "excluded" for m in item.modules()})
+        elif isinstance(item, str):
+            hits = [m for n, m in named.items()
+                    if fnmatch.fnmatchcase(n, item) or fnmatch.fnmatchcase(n, item + ".*")]
+            if not hits:
+                close = difflib.get_close_matches(item, [n for n in named if n], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                if any(fnmatch.fnmatchcase(n, item) for n, _ in model.named_parameters()):
+                    hint = (f"; it names parameters, and patterns match module names: use "
+                            f"{item.rsplit('.', 1)[0]!r}, or pass the parameter itself")
+                raise ValueError(f"Invalid exclude entry {item!r}: it matches no module "
+                                 f"name{hint}")
+            found.update({id(m): f"excluded by {item!r}" for m in hits})
+        else:
+            raise TypeError(f"Invalid exclude entry {item!r}: expected a module, a parameter or "
+                            "a name pattern")
+    return found
+
+
+def find_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = ()
+                ) -> list[KroneckerLayer]:
+    """The tracked layers of :func:`plan_layers`."""
+    return plan_layers(model, exclude)[0]
 
 
 def is_supported(module: nn.Module) -> bool:

@@ -107,6 +107,15 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         """The curvature object of a tracked module; see :class:`tekfac.curvature.Curvature`."""
         return self.preconditioner.curvature(module)
 
+    def describe(self) -> str:
+        """Which modules are preconditioned and which take the first-order step, and why;
+        see :meth:`tekfac.Preconditioner.describe`."""
+        return self.preconditioner.describe()
+
+    def __repr__(self) -> str:
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return f"{type(self).__name__}({self.method}, {group}, {self.preconditioner!r})"
+
     def add_param_group(self, param_group: dict) -> None:
         """Only the constructor's single group is allowed: curvature, KL clipping and the
         learning rate are shared by all of the model's parameters."""

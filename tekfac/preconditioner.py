@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from tekfac.capture import Capture
-from tekfac.config import CurvatureConfig, check_choice, check_instance
+from tekfac.config import METHODS, CurvatureConfig, check_choice, check_instance
 from tekfac.curvature import Curvature
 from tekfac.distributed import Communicator, Weighted, WorkSplit
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import FISHER_KINDS
 from tekfac.guards import WarnOnce, non_finite
-from tekfac.layers import KroneckerLayer, find_layers, unwrap
+from tekfac.layers import KroneckerLayer, plan_layers, unwrap
 from tekfac.linalg import symmetric_eigh
 from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
@@ -75,7 +75,7 @@ class Preconditioner:
                        "a torch.amp.GradScaler or None", optional=True)
         check_instance("seed", seed, int, "an int or None", optional=True)
         self.model = unwrap(model)
-        self.layers = find_layers(self.model, exclude)
+        self.layers, self.untracked = plan_layers(self.model, exclude)
         self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
         self.comm = Communicator()
@@ -123,7 +123,8 @@ class Preconditioner:
         """
         c = self.config
         pending = self.capture.pending()
-        self.fisher.record(outputs, pending, self.steps)
+        if pending:
+            self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out)
         if self.fisher.samples and self.statistics_due:
             forwards = {call.forward for call in pending}
             micro = {la: b for la in self.layers
@@ -154,6 +155,40 @@ class Preconditioner:
             raise RuntimeError(f"Layer {layer.name!r} is held by rank {self.work.owners[layer]} "
                                "(distributed_mode='owner'); ask that rank")
         return Curvature(layer, self.states[layer], self.config)
+
+    def describe(self) -> str:
+        """A table of the model's modules that have parameters of their own: which get a
+        Kronecker block (and its shape) and which are left to the first-order step, and why."""
+        method = _method_name(self.config.factors, self.config.scaling)
+        users: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules():
+            for param in module.parameters(recurse=False):
+                users.setdefault(id(param), []).append(name)
+
+        def shared(layer: KroneckerLayer) -> str:
+            others = [n for p in layer.params for n in users[id(p)] if n != layer.name]
+            return (f"; shares parameters with {', '.join(map(repr, others))}, whose use adds "
+                    "no curvature to this block") if others else ""
+
+        rows = [(la.name, type(la.module).__name__, la.module,
+                 f"{method} block ({la.d_out} × {la.d_in}){shared(la)}") for la in self.layers]
+        rows += [(u.name, type(u.module).__name__, u.module, f"first-order: {u.reason}")
+                 for u in self.untracked]
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        rows.sort(key=lambda row: order[row[0]])
+        table = [("module", "type", "parameters", "preconditioning")]
+        table += [(name or "(model)", kind, str(sum(p.numel() for p in m.parameters(
+            recurse=False))), what) for name, kind, m, what in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]).rstrip()
+                         for row in table)
+
+    def __repr__(self) -> str:
+        c = self.config
+        params = sum(la.num_params for la in self.layers)
+        return (f"Preconditioner({_method_name(c.factors, c.scaling)}, "
+                f"{len(self.layers)} Kronecker layers ({params} parameters), "
+                f"{len(self.untracked)} first-order modules; see describe())")
 
     # ---------------------------------------------------------------- the update
     def update_curvature(self) -> None:
@@ -219,7 +254,8 @@ class Preconditioner:
         """:meth:`LayerBatch.mean` in ``factor_dtype``, with ``g`` the per-example gradients
         of the unscaled loss (see :meth:`tekfac.fisher.FisherKind.grad_multiplier`)."""
         dtype = self.config.factor_dtype or batch.layer.module.weight.dtype
-        return batch.mean(fn, dtype, self.fisher.grad_multiplier(batch.num_examples))
+        n = batch.num_examples
+        return batch.mean(fn, dtype, lambda forward: self.fisher.grad_multiplier(n, forward))
 
     def _factor_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
                            ) -> dict[KroneckerLayer, Weighted]:
@@ -335,8 +371,9 @@ class Preconditioner:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Step counter, MC seed and per-layer statistics/bases/scalings (keyed by layer
-        name). The MC sampler is a function of (seed, step), so no RNG state is needed.
+        """Step counter, MC seed, the method's factor and scaling kinds, and per-layer
+        statistics/bases/scalings (keyed by layer name). The MC sampler is a function of
+        (seed, step), so no RNG state is needed.
         In 'owner' mode this is a collective (call it on every rank): each basis comes from
         its owner."""
         layers = {layer.name: self.states[layer].to_dict() for layer in self.layers}
@@ -344,13 +381,25 @@ class Preconditioner:
             owned = self.work.owned_bases(self.states, lambda la, *shape: self._zeros(la, *shape))
             for layer, held in zip(self.layers, owned):
                 layers[layer.name].update(held)
-        return {"steps": self.steps, "seed": self.fisher.seed, "layers": layers}
+        return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
+                "scaling": self.config.scaling, "layers": layers}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model."""
+        """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model or
+        was saved by another method (the factor and scaling kinds must match; every other
+        option, such as the damping, may change). A state of release 0.1.0 names no method
+        and is taken as it is."""
         saved = state_dict.get("layers")
         if not isinstance(saved, dict):
             raise ValueError("Invalid state_dict: no 'layers' entry; was it saved by tekfac?")
+        c = self.config
+        theirs = (state_dict.get("factors", c.factors), state_dict.get("scaling", c.scaling))
+        if theirs != (c.factors, c.scaling):
+            raise ValueError(
+                f"state_dict was saved by {_method_name(*theirs)} ({theirs[0]} factors, "
+                f"{theirs[1]} scaling), but this optimizer is {_method_name(c.factors, c.scaling)}"
+                f" ({c.factors} factors, {c.scaling} scaling): its statistics mean something "
+                "else here; resume with the method that saved it")
         names = [layer.name for layer in self.layers]
         if sorted(saved) != sorted(names):
             raise ValueError(f"state_dict does not match the model: it has layers "
@@ -371,3 +420,9 @@ class Preconditioner:
         """Detach from the model (no more statistics are recorded)."""
         self.capture.remove()
         self._clear()
+
+
+def _method_name(factors: str, scaling: str) -> str:
+    """The name of the method with these kinds (``"TEKFAC"``), or a description."""
+    names = [name.upper() for name, kinds in METHODS.items() if kinds == (factors, scaling)]
+    return names[0] if names else "another method"

@@ -28,8 +28,8 @@ class Call:
 
     Attributes:
         forward: index of the model forward that made the call.
-        inputs: the layer's detached input.
-        shape: the shape of its output.
+        inputs: the layer's detached input, batched (one unbatched example as a batch of one).
+        shape: the shape of its output, batched likewise.
         edge: the gradient edge of its output (MC Fisher, until the sampled backward).
         grad: the gradient w.r.t. the output, once known.
     """
@@ -42,8 +42,8 @@ class Call:
 
     @property
     def num_examples(self) -> int:
-        """The examples of the call's input (an unbatched input is one example)."""
-        return self.inputs.shape[0] if self.inputs.dim() > 1 else 1
+        """The examples of the call's input."""
+        return self.inputs.shape[0]
 
     def receive(self, grad: Tensor) -> None:
         """Record the gradient of the differentiated tensor (see
@@ -69,7 +69,7 @@ class LayerBatch:
         return sum(group[0].num_examples for group in self.groups)
 
     def mean(self, fn: Callable[[Examples], Sequence[Tensor]], dtype: torch.dtype,
-             grad_multiplier: float = 1.0) -> list[Tensor]:
+             grad_multiplier: Callable[[int], float] | None = None) -> list[Tensor]:
         """The batch mean of the per-forward means ``fn(examples)``, the forwards weighted by
         their example counts (arguments as for :meth:`examples`)."""
         n = self.num_examples
@@ -79,15 +79,18 @@ class LayerBatch:
             total = part if total is None else [x + y for x, y in zip(total, part)]
         return total  # type: ignore[return-value]
 
-    def examples(self, dtype: torch.dtype, grad_multiplier: float = 1.0) -> Iterator[Examples]:
-        """The examples of every forward, in ``dtype``, with ``g`` times ``grad_multiplier``;
-        calls of one forward are concatenated along ``T``."""
+    def examples(self, dtype: torch.dtype, grad_multiplier: Callable[[int], float] | None = None
+                 ) -> Iterator[Examples]:
+        """The examples of every forward, in ``dtype``, with ``g`` times
+        ``grad_multiplier(n)`` for a forward of ``n`` examples (default 1); calls of one
+        forward are concatenated along ``T``."""
         layer = self.layer
         for group in self.groups:
-            g = [layer.output_gradients(_batched(c.grad).to(dtype)) for c in group]
+            g = [layer.output_gradients(c.grad.to(dtype)) for c in group]
             g = torch.cat(g, dim=1) if len(g) > 1 else g[0]
-            yield Examples(layer, [_batched(c.inputs).to(dtype) for c in group],
-                           g * grad_multiplier if grad_multiplier != 1 else g)
+            multiplier = 1 if grad_multiplier is None else grad_multiplier(group[0].num_examples)
+            yield Examples(layer, [c.inputs.to(dtype) for c in group],
+                           g * multiplier if multiplier != 1 else g)
 
 
 @dataclass(eq=False)
@@ -138,8 +141,3 @@ class Examples:
         for part in example_ranges(self.n, self.g.shape[1] * self.layer.d_in):
             yield torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1), \
                 self.g[part]
-
-
-def _batched(t: Tensor) -> Tensor:
-    """A batched tensor as is; an unbatched (1-d) tensor as a batch of one example."""
-    return t if t.dim() > 1 else t[None]

@@ -152,6 +152,55 @@ def test_exclude_by_name_pattern():
     assert [la.name for la in opt.preconditioner.layers] == ["2"]
 
 
+def test_every_grouped_convolution_is_named_in_one_error():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1,
+                                                                                groups=4))
+    with pytest.raises(ValueError, match=r"'0' \(groups=2\), '2' \(groups=4\)"):
+        tekfac.KFAC(net)
+
+
+def test_exclude_entries_that_match_nothing_are_refused():
+    net, _ = tiny_net("cnn")
+    with pytest.raises(ValueError, match=r"'6'.*matches no module"):
+        tekfac.KFAC(net, exclude=["6"])
+    with pytest.raises(ValueError, match=r"names parameters.*use '5'"):
+        tekfac.KFAC(net, exclude=["5.weight"])
+    with pytest.raises(ValueError, match="not a module of the model"):
+        tekfac.KFAC(net, exclude=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="not one of the model's"):
+        tekfac.KFAC(net, exclude=[nn.Parameter(torch.zeros(2))])
+
+
+def test_a_parameter_in_exclude_leaves_its_layer_to_the_first_order_step():
+    net, shape = tiny_net("cnn")
+    opt = tekfac.KFAC(net, exclude=[net[5].bias], lr=0.1, momentum=0.0, kl_clip=None,
+                      fisher="empirical", **FAST)
+    assert [la.name for la in opt.preconditioner.layers] == ["0", "2"]
+    weight = net[5].weight.detach().clone()
+    x, y = batch(shape)
+    loss = F.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    grad = net[5].weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(net[5].weight.detach(), weight - 0.1 * grad)
+
+
+def test_describe_lists_what_is_preconditioned_and_why():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
+                        nn.Linear(8, 4), nn.Linear(4, 3))
+    net[4].weight.requires_grad_(False)
+    opt = tekfac.TEKFAC(net, exclude=["3"])
+    lines = opt.describe().splitlines()
+    assert lines[0].split() == ["module", "type", "parameters", "preconditioning"]
+    assert lines[1].split()[:4] == ["0", "Conv2d", "20", "TEKFAC"]
+    assert "(2 × 10)" in lines[1]
+    assert lines[2].endswith("first-order: BatchNorm2d has no Kronecker block")
+    assert lines[3].endswith("first-order: excluded by '3'")
+    assert lines[4].endswith("first-order: frozen (requires_grad=False)")
+    assert "TEKFAC, 1 Kronecker layers (20 parameters), 3 first-order modules" in repr(opt)
+
+
 def test_lr_scheduler_drives_the_step():
     net, shape = tiny_net("mlp")
     twin = copy.deepcopy(net)
@@ -361,6 +410,21 @@ def test_checkpoints_of_release_0_1_0_keep_loading(method):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
+def test_a_checkpoint_of_another_method_is_refused():
+    """A TEKFAC state holds trace-restricted factors and a corrected scaling: loaded into KFAC
+    it would silently mean something else. Another damping may be resumed with."""
+    net, shape = tiny_net("mlp")
+    opt = tekfac.TEKFAC(net, **FAST)
+    train(net, opt, [batch(shape) for _ in range(3)])
+    saved = opt.state_dict()
+    for other in (tekfac.KFAC, tekfac.EKFAC, tekfac.TKFAC):
+        with pytest.raises(ValueError, match=r"saved by TEKFAC.*resume with the method"):
+            other(net, **FAST).load_state_dict(saved)
+    resumed = tekfac.TEKFAC(net, damping=0.3, **FAST)
+    resumed.load_state_dict(saved)
+    assert resumed.preconditioner.steps == 3
+
+
 def test_loading_a_mismatched_state_is_a_clear_error():
     net, shape = tiny_net("mlp")
     opt = tekfac.KFAC(net, fisher="empirical")
@@ -397,3 +461,68 @@ def test_preconditioner_pairs_with_any_torch_optimizer():
         expected = pre.curvature(la.module).precondition(raw[la])
         torch.testing.assert_close(la.gradient_matrix(), expected)
     adam.step()
+
+
+# ------------------------------------------------------------------------- real-model idioms
+def test_multihead_attention_projections_are_left_to_the_first_order_step():
+    """``nn.MultiheadAttention`` calls ``F.linear`` with ``out_proj.weight``: its submodule
+    would be a tracked layer that never receives statistics. It is untracked, with the
+    reason in describe(); the encoder layer's feed-forward Linears are preconditioned."""
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                       batch_first=True).double()
+    opt = tekfac.TEKFAC(block, fisher="empirical", cov_update_freq=1, eigen_update_freq=1,
+                        scale_update_freq=1)
+    assert [la.name for la in opt.preconditioner.layers] == ["linear1", "linear2"]
+    rows = {line.split()[0]: line for line in opt.describe().splitlines()}
+    assert "inside nn.MultiheadAttention, which calls F.linear" in rows["self_attn.out_proj"]
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    out = block(x)
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    opt.step()
+    for layer in opt.preconditioner.layers:  # every tracked layer got statistics
+        assert opt.curvature(layer.module).dense().isfinite().all()
+
+
+def test_a_parameter_shared_by_two_tracked_layers_is_refused():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    net[2].weight = net[0].weight
+    with pytest.raises(ValueError, match=r"'0' and '2' share a parameter.*exclude=\['2'\]"):
+        tekfac.KFAC(net)
+    assert [la.name for la in tekfac.KFAC(net, exclude=["2"]).preconditioner.layers] == ["0"]
+
+
+class TiedLM(nn.Module):
+    """Token embedding and an output layer that share one weight (nanoGPT's weight tying)."""
+
+    def __init__(self, vocab: int = 7, width: int = 4, tied: bool = True):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.wte(tokens))))
+
+
+def test_a_weight_tied_to_an_embedding_is_preconditioned_by_the_output_layer_alone():
+    """The tied weight's block is the output layer's use (the embedding is untracked): it
+    equals the block of an untied twin with the same values, and describe() says so."""
+    torch.manual_seed(0)
+    tied = TiedLM().double()
+    untied = TiedLM(tied=False).double()
+    untied.load_state_dict(tied.state_dict())
+    tokens = torch.randint(0, 7, (6, 5))
+    opts = []
+    for model in (tied, untied):
+        opt = tekfac.KFAC(model, fisher="empirical", cov_update_freq=1, eigen_update_freq=1)
+        logits = model(tokens)
+        F.cross_entropy(logits.view(-1, 7), tokens.view(-1)).backward()
+        opt.step()
+        opts.append(opt)
+    torch.testing.assert_close(opts[0].curvature(tied.head).dense(),
+                               opts[1].curvature(untied.head).dense())
+    assert "shares parameters with 'wte'" in opts[0].describe()
+    assert "shares" not in opts[1].describe()

@@ -430,3 +430,42 @@ def test_chunked_statistics_equal_whole_batch_statistics(method, monkeypatch):
         results.append([pre.curvature(la.module).dense() for la in pre.layers])
     for whole, chunked in zip(*results):
         torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------------- unbatched inputs
+UNBATCHED = {  # a network of each layer kind and the shape of one unbatched example
+    "linear": (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), (4,)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(),
+                                     nn.Conv1d(3, 2, 2, stride=2)), (2, 7)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
+                                     nn.Conv2d(3, 2, 2)), (2, 5, 4)),
+}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("kind", list(UNBATCHED))
+def test_an_unbatched_input_is_one_example(kind, fisher, method):
+    """PyTorch layers accept one example without its batch dimension (``(d,)``, ``(C, L)``,
+    ``(C, H, W)``); its curvature and step equal those of the same example as a batch of
+    one."""
+    build, shape = UNBATCHED[kind]
+    torch.manual_seed(0)
+    net = build().double()
+    twin = copy.deepcopy(net)
+    x = torch.randn(shape, dtype=torch.float64)
+    opts = []
+    for model, inputs in ((net, x[None]), (twin, x)):
+        opt = tekfac.KroneckerOptimizer(model, method, fisher=fisher, loss="mse", seed=0,
+                                        **EVERY)
+        for _ in range(2):
+            out = model(inputs)
+            loss = F.mse_loss(out, torch.zeros_like(out))
+            opt.zero_grad()
+            opt.backward(loss, out)
+            opt.step()
+        opts.append(opt)
+    for a, b in zip(net.modules(), twin.modules()):
+        if isinstance(a, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            torch.testing.assert_close(opts[1].curvature(b).dense(), opts[0].curvature(a).dense())
+    for p, q in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(q, p)

@@ -1,0 +1,106 @@
+"""The MC Fisher of sequence outputs (docs/design.md §4b): whatever the layout of the tensor
+given to the loss — ``(N, C)``, ``(N, C, T)`` or flattened ``(N·T, C)`` — the sampled output
+gradients are per-example gradients of the loss averaged over each example's positions, so
+their expected second moment is exact. Checked on the output-side KFAC factor of the last
+layer, ``G = (1/N) Σ_i G_i G_iᵀ``, averaged over many draws of the labels, against its exact
+expectation over the predictive distribution:
+
+* cross-entropy: ``E[G] = (1/N) Σ_i Σ_t (diag p_it − p_it p_itᵀ) / T²``;
+* MSE (Gaussian, variance ½), averaged over ``T·C`` elements per example:
+  ``E[G] = 2 / (T C²) · I``;
+* BCE with logits: ``E[G] = (1/N) Σ_i Σ_t diag(σ_it (1 − σ_it)) / (T C)²``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tekfac
+
+N, T, D, C = 8, 3, 4, 5
+DRAWS = 300
+
+
+def sequence_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C)).double()
+
+
+#: layout name → (the tensor given to the loss, from (N, T, C) logits; T of the model input)
+LAYOUTS = {
+    "(N, C)": (lambda z: z, 1),
+    "(N, C, T)": (lambda z: z.transpose(1, 2), T),
+    "(N*T, C)": (lambda z: z.reshape(-1, C), T),
+    "(N, T, C) elementwise": (lambda z: z, T),  # MSE / BCE only: no class axis
+}
+CASES = [("cross_entropy", "(N, C)"), ("cross_entropy", "(N, C, T)"),
+         ("cross_entropy", "(N*T, C)"), ("mse", "(N*T, C)"), ("mse", "(N, T, C) elementwise"),
+         ("bce_with_logits", "(N*T, C)"), ("bce_with_logits", "(N, T, C) elementwise")]
+
+
+def user_loss(loss: str, outputs: torch.Tensor) -> torch.Tensor:
+    """The user's own batch-mean loss (its labels do not matter to the MC statistics)."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(outputs, torch.zeros_like(outputs.select(1, 0), dtype=torch.long))
+    if loss == "mse":
+        return F.mse_loss(outputs, torch.zeros_like(outputs))
+    return F.binary_cross_entropy_with_logits(outputs, torch.zeros_like(outputs))
+
+
+def expected_g(loss: str, logits: torch.Tensor, t: int) -> torch.Tensor:
+    """The exact expectation of ``G`` of the last layer; ``logits`` ``(N, t, C)``."""
+    if loss == "cross_entropy":
+        p = logits.softmax(-1)
+        per_position = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+        return per_position.sum(dim=(0, 1)) / (N * t**2)
+    if loss == "mse":
+        return torch.eye(C, dtype=logits.dtype) * 2 / (t * C**2)
+    s = logits.sigmoid()
+    return torch.diag((s * (1 - s)).sum(dim=(0, 1))) / (N * (t * C) ** 2)
+
+
+@pytest.mark.parametrize(("loss", "layout"), CASES)
+def test_mc_output_factor_is_the_exact_expectation_for_every_layout(loss, layout):
+    view, t = LAYOUTS[layout]
+    net = sequence_model()
+    x = torch.randn(N, t, D, dtype=torch.float64) if t > 1 else torch.randn(N, D,
+                                                                            dtype=torch.float64)
+    pre = tekfac.Preconditioner(net, "kfac", loss=loss, seed=0, cov_update_freq=1,
+                                eigen_update_freq=10**9, stat_decay=0.0)
+    head = pre.layers[-1]
+    total = torch.zeros(C, C, dtype=torch.float64)
+    for _ in range(DRAWS):
+        logits = net(x)
+        outputs = view(logits)
+        net.zero_grad()
+        pre.backward(user_loss(loss, outputs), outputs)
+        pre.update_curvature()
+        total += pre.states[head].factor_out
+    with torch.no_grad():
+        logits = net(x).reshape(N, t, C)
+    expected = expected_g(loss, logits, t)
+    assert (total / DRAWS - expected).norm() <= 0.08 * expected.norm(), (total / DRAWS, expected)
+
+
+def test_logits_whose_class_axis_is_not_the_losses_are_refused():
+    """``(N, T, V)`` logits given to backward while the loss read ``logits.view(-1, V)``: the
+    class axis (dimension 1) would be the positions; a clear error instead."""
+    net = sequence_model()
+    opt = tekfac.KFAC(net)
+    logits = net(torch.randn(N, T, D, dtype=torch.float64))
+    loss = F.cross_entropy(logits.view(-1, C), torch.zeros(N * T, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class axis.*view\(-1"):
+        opt.backward(loss, logits)
+
+
+def test_unbatched_logits_sample_along_their_only_axis():
+    """``F.cross_entropy`` reads ``(C,)`` logits as one example; so does the sampler."""
+    net = sequence_model()
+    pre = tekfac.Preconditioner(net, "kfac", seed=0, cov_update_freq=1)
+    out = net(torch.randn(D, dtype=torch.float64))
+    pre.backward(F.cross_entropy(out, torch.tensor(0)), out)
+    pre.update_curvature()
+    assert pre.curvature(net[2]).dense().isfinite().all()
