@@ -149,10 +149,11 @@ class EmpiricalFisher(FisherKind):
 
 class MonteCarloFisher(FisherKind):
     """The true Fisher: a backward of the loss at labels sampled from ``outputs`` (one label
-    per position along the class axis), scaled like the user's loss. For a batch mean the
-    gradients of each forward are multiplied by its own example count, the leading dimension
-    of the layer's input (docs/design.md §4b), never by the rows of ``outputs``: they are
-    per-example gradients whatever the layout of ``outputs``."""
+    per position along the class axis), scaled like the user's loss. For a batch mean each
+    call's gradients are multiplied by its own example count, the leading dimension of the
+    layer's input (docs/design.md §4b), never by the rows of ``outputs``: they are
+    per-example gradients whatever the layout of ``outputs``. The most common count is
+    applied to the sampled loss (free); a call with another count is rescaled."""
 
     samples = True
 
@@ -163,8 +164,7 @@ class MonteCarloFisher(FisherKind):
         self._sampled = False
 
     def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
-        per_example = forward_examples if self.reduction == "mean" else 1
-        return per_example / self.loss_scale()
+        return 1 / self.loss_scale()
 
     def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
         """Differentiate the loss at ``y ~ p(y | outputs)`` (times the loss scale) w.r.t. the
@@ -174,12 +174,14 @@ class MonteCarloFisher(FisherKind):
         check_layout(self.loss, outputs, width)
         targets = sample_targets(self.loss, outputs, self.generator(outputs.device, step))
         sampled = sampled_loss(self.loss, outputs, targets, self.reduction) * self.loss_scale()
-        grads = torch.autograd.grad(sampled, [call.edge for call in calls], retain_graph=True,
-                                    allow_unused=True)
-        for call, grad in zip(calls, grads):
+        counts = [call.num_examples for call in calls]
+        n = max(set(counts), key=counts.count) if self.reduction == "mean" else 1
+        grads = torch.autograd.grad(sampled * n, [call.edge for call in calls],
+                                    retain_graph=True, allow_unused=True)
+        for call, grad, count in zip(calls, grads, counts):
             call.edge = None
             if grad is not None:
-                call.receive(grad)
+                call.receive(grad if self.reduction == "sum" or count == n else grad * (count / n))
         self._sampled = True
 
     def check_recorded(self, has_calls: bool) -> None:

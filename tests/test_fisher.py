@@ -104,3 +104,25 @@ def test_unbatched_logits_sample_along_their_only_axis():
     pre.backward(F.cross_entropy(out, torch.tensor(0)), out)
     pre.update_curvature()
     assert pre.curvature(net[2]).dense().isfinite().all()
+
+
+def test_layers_with_different_example_counts_each_get_their_own():
+    """A head applied after flattening sees ``N·T`` rows, its examples; the layer before it
+    sees ``N`` sequences. With the same labels (same seed, same rows), the first layer's
+    factor equals that of the same model whose head runs on ``(N, T, ·)``, and the flattened
+    head's is ``T`` times the unflattened one's (rows: ``g = p − e``; sequences:
+    ``g_t = (p_t − e_t)/T``, ``T`` of them per example)."""
+    x = torch.randn(N, T, D, dtype=torch.float64)
+    flat = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Flatten(0, 1), nn.Linear(6, C)).double()
+    whole = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C)).double()
+    whole.load_state_dict({k.replace("3.", "2."): v for k, v in flat.state_dict().items()})
+    factors = []
+    for net, view in ((flat, lambda z: z), (whole, lambda z: z.reshape(-1, C))):
+        pre = tekfac.Preconditioner(net, "kfac", seed=3, cov_update_freq=1)
+        outputs = view(net(x))
+        pre.backward(user_loss("cross_entropy", outputs), outputs)
+        pre.update_curvature()
+        factors.append([pre.states[la].factor_out for la in pre.layers])
+    (first_flat, head_flat), (first_whole, head_whole) = factors
+    torch.testing.assert_close(first_flat, first_whole)
+    torch.testing.assert_close(head_flat, T * head_whole)
