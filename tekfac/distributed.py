@@ -87,6 +87,13 @@ class Communicator:
         return PendingMean(self, [([t.shape for t in tensors], 0.0) for tensors, _ in items],
                            works, [t.numel() for t in flat])
 
+    def max(self, tensor: Tensor) -> Tensor:
+        """The element-wise maximum of ``tensor`` over the ranks (itself without a group)."""
+        if self.active:
+            tensor = tensor.clone()
+            self._call(dist.all_reduce, tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor
+
     # ------------------------------------------------------------------ work split
     def assign(self, costs: Sequence[float]) -> list[int]:
         """Owner rank of each work item: greedy by cost, largest first, onto the rank with the
@@ -248,8 +255,12 @@ class WorkSplit:
         got = {la: [part[la] for part in parts if la in part] for la in self.layers}
         return {la: weighted_mean(items) for la, items in got.items() if items}
 
-    def clear(self) -> None:
-        """Forget the reductions still in flight."""
+    def clear(self, wait: bool = False) -> None:
+        """Forget the reductions still in flight (after they are done, if ``wait``)."""
+        if wait:
+            for pending in self._in_flight.values():
+                for _, reduction in pending:
+                    reduction.wait()
         self._in_flight.clear()
 
     def eigendecompositions(self, matrices: Sequence[Tensor],

@@ -44,7 +44,11 @@ class Likelihood(NamedTuple):
 
 def _categorical(f: Tensor, generator: torch.Generator) -> Tensor:
     probs = torch.softmax(f.float(), dim=_class_dim(f)).movedim(_class_dim(f), -1)
-    labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    flat = probs.reshape(-1, probs.shape[-1])
+    # a position with non-finite logits draws from the uniform distribution instead of
+    # raising: its loss, hence its gradient, is non-finite anyway, and the step is skipped
+    flat = torch.where(flat.isfinite().all(dim=1, keepdim=True), flat, 1.0 / flat.shape[1])
+    labels = torch.multinomial(flat, 1, generator=generator)
     return labels.reshape(probs.shape[:-1])
 
 
@@ -59,7 +63,7 @@ def _gaussian(f: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _bernoulli(f: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.bernoulli(torch.sigmoid(f), generator=generator)
+    return torch.bernoulli(torch.sigmoid(f).nan_to_num(0.5), generator=generator)
 
 
 #: Loss name → its likelihood (the MC sampling distribution).

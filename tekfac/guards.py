@@ -2,7 +2,8 @@
 
 A non-finite statistic or a failed eigendecomposition must skip that update and keep the
 last good state, and say so once; :func:`non_finite` finds the culprits with one host
-synchronisation, :class:`WarnOnce` says it once per place and cause.
+synchronisation, :func:`all_finite` checks a step's gradients without one, and
+:class:`Faults` warns once per place and cause and counts the later occurrences.
 """
 
 from __future__ import annotations
@@ -28,14 +29,40 @@ def non_finite(tensors: dict[Key, Sequence[Tensor]]) -> list[Key]:
     return [key for key, ok in zip(tensors, finite) if not ok]
 
 
-class WarnOnce:
-    """Issues each ``RuntimeWarning`` once per (place, message)."""
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of ``tensors`` is finite, as a 0-dim bool tensor on the first
+    tensor's device (no host synchronisation: a NaN or Inf anywhere makes the sum of sums
+    non-finite); ``True`` for no tensors."""
+    if not tensors:
+        return torch.tensor(True)
+    device = tensors[0].device
+    return torch.stack([t.sum(dtype=torch.float32).to(device) for t in tensors]).sum().isfinite()
+
+
+class Faults:
+    """The faults seen so far, each keyed by (place, cause): the step it first occurred at
+    and how often it occurred. The first occurrence is warned about (naming the place, the
+    cause, what was done and the step); later ones are only counted."""
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
+        self.records: dict[tuple[str, str], dict[str, int]] = {}
 
-    def __call__(self, place: str, message: str, stacklevel: int = 3) -> None:
-        """Warn ``tekfac: <place>: <message>`` unless that was warned before."""
-        if (place, message) not in self._seen:
-            self._seen.add((place, message))
-            warnings.warn(f"tekfac: {place}: {message}", RuntimeWarning, stacklevel=stacklevel)
+    def __call__(self, place: str, cause: str, consequence: str, step: int,
+                 stacklevel: int = 3) -> None:
+        record = self.records.get((place, cause))
+        if record is not None:
+            record["count"] += 1
+            return
+        self.records[(place, cause)] = {"first_step": step, "count": 1}
+        warnings.warn(f"tekfac: {place}: {cause}; {consequence} (step {step}; later "
+                      "occurrences are counted in the optimizer's faults)", RuntimeWarning,
+                      stacklevel=stacklevel)
+
+    def state_dict(self) -> list[dict]:
+        """The records as a list of plain dicts (checkpoint format)."""
+        return [{"place": place, "cause": cause, **record}
+                for (place, cause), record in self.records.items()]
+
+    def load_state_dict(self, entries: Sequence[dict]) -> None:
+        self.records = {(e["place"], e["cause"]): {"first_step": int(e["first_step"]),
+                                                   "count": int(e["count"])} for e in entries}

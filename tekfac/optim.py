@@ -107,6 +107,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         """The curvature object of a tracked module; see :class:`tekfac.curvature.Curvature`."""
         return self.preconditioner.curvature(module)
 
+    @property
+    def faults(self) -> dict[tuple[str, str], dict[str, int]]:
+        """(place, cause) → ``{"first_step", "count"}`` of every fault seen (non-finite
+        outputs, gradients or statistics, failed eigendecompositions); checkpointed."""
+        return self.preconditioner.faults.records
+
     def describe(self) -> str:
         """Which modules are preconditioned and which take the first-order step, and why;
         see :meth:`tekfac.Preconditioner.describe`."""
@@ -128,20 +134,23 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Update the curvature statistics that are due, then take one preconditioned step.
 
-        A step whose gradient holds NaN or Inf changes no parameter and no momentum buffer
-        (as ``GradScaler`` skips such steps); the statistics of that step are skipped layer
-        by layer when they are not finite. Each problem is warned about once."""
+        A step whose model outputs or loss (as given to :meth:`backward`) or gradient hold
+        NaN or Inf is skipped whole, as ``GradScaler`` skips such steps: no parameter,
+        momentum buffer, statistic or step count changes, and in a process group every rank
+        skips it. Non-finite statistics of one layer skip that layer's update. Each fault is
+        warned about once, with its step, and counted (:attr:`faults`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
         coupled = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-        self.preconditioner.update_curvature()
-        if not _all_finite([p.grad for p in group["params"] if p.grad is not None]):
-            self.preconditioner.warn_once("model", "non-finite gradient; skipping this step "
-                                          "(parameters and momentum unchanged)")
+        pre = self.preconditioner
+        cause = pre.bad_step([p.grad for p in group["params"] if p.grad is not None])
+        if cause is not None:
+            pre.skip_step(cause)
             return loss
+        pre.update_curvature()
         pairs = self.preconditioner.directions(coupled)
         with stage("update"):
             directions = self._clipped(pairs, group)
@@ -203,14 +212,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         except (ValueError, KeyError, TypeError):
             self.preconditioner.load_state_dict(previous)
             raise
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry is finite, with one host synchronisation (a NaN or Inf anywhere
-    makes the sum of sums non-finite)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum().isfinite())
 
 
 def _kl_clip_factor(vdot: Tensor, lr: float, kl_clip: float) -> Tensor:

@@ -23,7 +23,7 @@ from tekfac.curvature import Curvature
 from tekfac.distributed import Communicator, Weighted, WorkSplit
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import FISHER_KINDS
-from tekfac.guards import WarnOnce, non_finite
+from tekfac.guards import Faults, all_finite, non_finite
 from tekfac.layers import KroneckerLayer, plan_layers, unwrap
 from tekfac.linalg import symmetric_eigh
 from tekfac.profiling import stage
@@ -86,7 +86,9 @@ class Preconditioner:
         self.capture = Capture(self.model, self.layers, keep_edges=self.fisher.samples)
         self.steps = 0
         self.eigendecompositions = 0  # computed by this rank (the work split's share)
-        self._warn = WarnOnce()
+        #: (place, cause) → the step it first occurred at and how often (checkpointed)
+        self.faults = Faults()
+        self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
         self.capture.recording = self.statistics_due
 
     # ---------------------------------------------------------------- schedule
@@ -122,6 +124,8 @@ class Preconditioner:
         overlaps ``loss.backward()``; :meth:`update_curvature` waits for it.
         """
         c = self.config
+        bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
+        self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
         pending = self.capture.pending()
         if pending:
             self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out)
@@ -137,12 +141,45 @@ class Preconditioner:
                     self.work.launch("scaling", self._scaling_statistics(micro))
         loss.backward()
 
-    def step(self) -> None:
-        """Update the statistics that are due and precondition the gradients in place."""
+    def step(self) -> bool:
+        """Update the statistics that are due and precondition the gradients in place; or,
+        if :meth:`bad_step` finds a fault, skip the step (see :meth:`skip_step`), leaving the
+        gradients as they are. Returns whether the step was taken."""
+        grads = [p.grad for la in self.layers for p in la.params if p.grad is not None]
+        cause = self.bad_step(grads)
+        if cause is not None:
+            self.skip_step(cause)
+            return False
         self.update_curvature()
         for layer, (_, direction) in self.directions().items():
             for param, piece in zip(layer.params, layer.split(direction)):
                 param.grad.copy_(piece)
+        return True
+
+    def bad_step(self, grads: Sequence[Tensor]) -> str | None:
+        """Why this step must be skipped whole, or ``None``: non-finite model outputs or loss
+        (seen by :meth:`backward`) or a non-finite gradient among ``grads``. One host
+        synchronisation; in a process group every rank gets the same answer (one all-reduce
+        of two flags), so that all skip together."""
+        device = grads[0].device if grads else torch.device("cpu")
+        outputs = self._bad_outputs if self._bad_outputs is not None else torch.tensor(False)
+        flags = torch.stack([outputs.to(device), ~all_finite(grads).to(device)]).float()
+        flags = self.comm.max(flags)
+        bad_outputs, bad_grads = flags.tolist()
+        if bad_outputs:
+            return "non-finite model outputs or loss"
+        return "non-finite gradient" if bad_grads else None
+
+    def skip_step(self, cause: str) -> None:
+        """Skip this step whole: no statistics, no eigendecomposition, the step counter
+        unchanged (the next batch is taken as this step, with the same MC labels as if the
+        bad batch had never been seen); reductions in flight are awaited and dropped."""
+        self.warn_once("model", cause, "skipping this step (parameters, momentum, curvature "
+                       "and step counter unchanged)")
+        self.work.clear(wait=True)
+        self.capture.clear()
+        self.fisher.end_step()
+        self._bad_outputs = None
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""
@@ -217,6 +254,7 @@ class Preconditioner:
         self._clear()
         self.capture.recording = self.statistics_due
         self.fisher.end_step()
+        self._bad_outputs = None
 
     def directions(self, weight_decay: float = 0.0
                    ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
@@ -329,7 +367,7 @@ class Preconditioner:
         for layer in layers:
             (eig_in, basis_in), (eig_out, basis_out) = next(results), next(results)
             if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
-                self.warn_once(layer, "eigendecomposition failed; keeping the previous basis")
+                self.warn_once(layer, "eigendecomposition failed", "keeping the previous basis")
                 continue
             self.states[layer].install_basis(eig_in, basis_in, eig_out, basis_out,
                                              self.scaling_kind)
@@ -361,13 +399,14 @@ class Preconditioner:
         """The layers with a NaN or Inf in any of their ``tensors``, each warned about once."""
         bad = non_finite(tensors)
         for layer in bad:
-            self.warn_once(layer, f"non-finite {what}; skipping this update")
+            self.warn_once(layer, f"non-finite {what}", "skipping this update")
         return set(bad)
 
-    def warn_once(self, where: KroneckerLayer | str, message: str) -> None:
-        """Warn once per (layer or place, message)."""
+    def warn_once(self, where: KroneckerLayer | str, cause: str, consequence: str) -> None:
+        """Record a fault at the current step; warn on its first occurrence per (layer or
+        place, cause), count the later ones (:attr:`faults`)."""
         place = f"layer {where.name!r}" if isinstance(where, KroneckerLayer) else where
-        self._warn(place, message, stacklevel=4)
+        self.faults(place, cause, consequence, self.steps, stacklevel=4)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -382,7 +421,8 @@ class Preconditioner:
             for layer, held in zip(self.layers, owned):
                 layers[layer.name].update(held)
         return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
-                "scaling": self.config.scaling, "layers": layers}
+                "scaling": self.config.scaling, "faults": self.faults.state_dict(),
+                "layers": layers}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model or
@@ -412,6 +452,7 @@ class Preconditioner:
                 state.drop_basis()
             new_states[layer] = state
         self.steps, self.fisher.seed = int(state_dict["steps"]), int(state_dict["seed"])
+        self.faults.load_state_dict(state_dict.get("faults", []))
         self.states = new_states
         self._clear()
         self.capture.recording = self.statistics_due

@@ -233,6 +233,39 @@ def _resume(rank, world, tmp):
     assert all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def _one_rank_sees_a_bad_batch(rank, world, tmp):
+    """Rank 1's part of batch 2 is NaN: every rank skips step 2 (none hangs) and ends exactly
+    where a run without batch 2 ends."""
+    _init(rank, world, tmp)
+    data = _data(world, steps=4)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    runs = []
+    for poisoned in (False, True):
+        torch.manual_seed(0)
+        net, _ = tiny_net("cnn")
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = tekfac.TEKFAC(ddp, seed=0, **FAST)
+        for i, (x, y) in enumerate(data):
+            if i == 2 and not poisoned:
+                continue
+            x = x[shard].clone()
+            if i == 2 and rank == 1:
+                x[:] = float("nan")
+            out = ddp(x)
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(out, y[shard]), out)
+            opt.step()
+        runs.append((net, opt))
+    (clean, clean_opt), (net, opt) = runs
+    assert opt.preconditioner.steps == clean_opt.preconditioner.steps == 3
+    for p, q in zip(net.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_bad_batch_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    launch(_one_rank_sees_a_bad_batch, 2, tmp_path)
+
+
 def test_state_saved_on_rank0_resumes_identically_on_all_ranks(tmp_path):
     launch(_resume, 2, tmp_path)
 

@@ -39,8 +39,8 @@ def test_non_finite_batch_is_skipped_and_training_continues(method):
     with pytest.warns(RuntimeWarning) as record:
         step(net, opt, x, y, mc=False)
     messages = " ".join(str(w.message) for w in record)
-    assert "layer '0'" in messages and "non-finite statistics" in messages
     assert "non-finite gradient; skipping this step" in messages
+    assert opt.preconditioner.steps == 1  # the whole step is skipped, statistics too
     for p, q in zip(net.parameters(), params):
         assert torch.equal(p, q)
     for name, layer_state in snapshot(opt).items():
@@ -54,9 +54,37 @@ def test_non_finite_batch_is_skipped_and_training_continues(method):
 
 
 @pytest.mark.parametrize("method", ["kfac", "tekfac"])
-def test_only_the_layer_with_non_finite_statistics_is_skipped(method):
-    """NaN in the first layer's output gradient only: that layer keeps its state, the
-    second layer's statistics are still folded in."""
+def test_only_the_layer_with_non_finite_statistics_is_skipped(method, monkeypatch):
+    """NaN in the first layer's factors only (the gradients are finite): that layer keeps
+    its state, the second layer's statistics are still folded in, and the step is taken."""
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **EVERY)
+    step(net, opt, *batch(shape), mc=False)
+    state = snapshot(opt)
+    kind = opt.preconditioner.factor_kind
+    factors = kind.factors
+
+    def poisoned(ex):
+        factor_in, factor_out = factors(ex)
+        return (factor_in * float("nan"), factor_out) if ex.layer.name == "0" else (
+            factor_in, factor_out)
+
+    monkeypatch.setattr(kind, "factors", poisoned)
+    with pytest.warns(RuntimeWarning) as record:
+        step(net, opt, *batch(shape), mc=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "layer '0': non-finite statistics" in messages and "layer '2'" not in messages
+    assert opt.preconditioner.steps == 2
+    after = snapshot(opt)
+    for key, value in after["0"].items():
+        assert torch.equal(value, state["0"][key]), key
+    assert not torch.equal(after["2"]["factor_in"], state["2"]["factor_in"])
+    assert all(torch.isfinite(v).all() for v in after["2"].values())
+
+
+def test_a_non_finite_output_gradient_skips_the_whole_step():
+    """NaN in the first layer's output gradient reaches its weight gradient: the step is
+    skipped whole, every layer keeps its state and the step counter stays."""
     net, shape = tiny_net("mlp")
     poison = {"on": False}
 
@@ -65,19 +93,16 @@ def test_only_the_layer_with_non_finite_statistics_is_skipped(method):
                              if poison["on"] else g)
 
     net[0].register_forward_hook(nan_gradient)  # before the optimizer's hook: it sees NaN
-    opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **EVERY)
+    opt = tekfac.KFAC(net, fisher="empirical", **EVERY)
     step(net, opt, *batch(shape), mc=False)
     state = snapshot(opt)
     poison["on"] = True
-    with pytest.warns(RuntimeWarning) as record:
+    with pytest.warns(RuntimeWarning, match="non-finite gradient; skipping this step"):
         step(net, opt, *batch(shape), mc=False)
-    messages = " ".join(str(w.message) for w in record)
-    assert "layer '0': non-finite statistics" in messages and "layer '2'" not in messages
-    after = snapshot(opt)
-    for key, value in after["0"].items():
-        assert torch.equal(value, state["0"][key]), key
-    assert not torch.equal(after["2"]["factor_in"], state["2"]["factor_in"])
-    assert all(torch.isfinite(v).all() for v in after["2"].values())
+    assert opt.preconditioner.steps == 1
+    for name, layer_state in snapshot(opt).items():
+        for key, value in layer_state.items():
+            assert torch.equal(value, state[name][key]), (name, key)
 
 
 def test_warnings_are_given_once():
