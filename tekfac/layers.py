@@ -310,6 +310,36 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
     return layers, untracked
 
 
+def describe_layers(model: nn.Module, layers: list[KroneckerLayer], untracked: list[Untracked],
+                    method: str) -> str:
+    """The table of :meth:`tekfac.Preconditioner.describe`: one row per module with
+    parameters of its own, in module order: its type, parameter count, and the ``method``
+    block it gets (with the modules it shares parameters with) or the reason it takes the
+    first-order step."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            users.setdefault(id(param), []).append(name)
+
+    def shared(layer: KroneckerLayer) -> str:
+        others = [n for p in layer.params for n in users[id(p)] if n != layer.name]
+        return (f"; shares parameters with {', '.join(map(repr, others))}, whose use adds "
+                "no curvature to this block") if others else ""
+
+    rows = [(la.name, la.module, f"{method} block ({la.d_out} × {la.d_in}){shared(la)}")
+            for la in layers]
+    rows += [(u.name, u.module, f"first-order: {u.reason}") for u in untracked]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda row: order[row[0]])
+    table = [("module", "type", "parameters", "preconditioning")]
+    table += [(name or "(model)", type(m).__name__,
+               str(sum(p.numel() for p in m.parameters(recurse=False))), what)
+              for name, m, what in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]).rstrip()
+                     for row in table)
+
+
 def _check_shared(layers: list[KroneckerLayer]) -> None:
     """Refuse a parameter held by two tracked layers: each would precondition the shared
     gradient with its own block, and only one direction can be applied (docs/design.md §7).

@@ -24,7 +24,7 @@ from tekfac.distributed import Communicator, Weighted, WorkSplit
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import FISHER_KINDS
 from tekfac.guards import Faults, all_finite, non_finite
-from tekfac.layers import KroneckerLayer, plan_layers, unwrap
+from tekfac.layers import KroneckerLayer, describe_layers, plan_layers, unwrap
 from tekfac.linalg import symmetric_eigh
 from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
@@ -195,30 +195,10 @@ class Preconditioner:
 
     def describe(self) -> str:
         """A table of the model's modules that have parameters of their own: which get a
-        Kronecker block (and its shape) and which are left to the first-order step, and why."""
+        Kronecker block (and its shape) and which are left to the first-order step, and why
+        (see :func:`tekfac.layers.describe_layers`)."""
         method = _method_name(self.config.factors, self.config.scaling)
-        users: dict[int, list[str]] = {}
-        for name, module in self.model.named_modules():
-            for param in module.parameters(recurse=False):
-                users.setdefault(id(param), []).append(name)
-
-        def shared(layer: KroneckerLayer) -> str:
-            others = [n for p in layer.params for n in users[id(p)] if n != layer.name]
-            return (f"; shares parameters with {', '.join(map(repr, others))}, whose use adds "
-                    "no curvature to this block") if others else ""
-
-        rows = [(la.name, type(la.module).__name__, la.module,
-                 f"{method} block ({la.d_out} × {la.d_in}){shared(la)}") for la in self.layers]
-        rows += [(u.name, type(u.module).__name__, u.module, f"first-order: {u.reason}")
-                 for u in self.untracked]
-        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
-        rows.sort(key=lambda row: order[row[0]])
-        table = [("module", "type", "parameters", "preconditioning")]
-        table += [(name or "(model)", kind, str(sum(p.numel() for p in m.parameters(
-            recurse=False))), what) for name, kind, m, what in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(3)]
-        return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]).rstrip()
-                         for row in table)
+        return describe_layers(self.model, self.layers, self.untracked, method)
 
     def __repr__(self) -> str:
         c = self.config
