@@ -125,10 +125,9 @@ class FisherKind:
         scaler = self.grad_scaler
         return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
 
-    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
-        """What the output gradients recorded in one forward of ``forward_examples`` examples
-        (a micro-batch), in a step of ``step_examples``, are multiplied by to be per-example
-        gradients of the unscaled loss."""
+    def grad_multiplier(self, num_examples: int) -> float:
+        """What the recorded output gradients are multiplied by to be per-example gradients
+        of the unscaled loss, for a step of ``num_examples`` examples."""
         raise NotImplementedError
 
     def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
@@ -146,8 +145,8 @@ class EmpiricalFisher(FisherKind):
     """The gradients of the user's loss: for a batch mean they are per-example gradients
     divided by ``N``, hence multiplied back by ``N``."""
 
-    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
-        per_example = step_examples if self.reduction == "mean" else 1
+    def grad_multiplier(self, num_examples: int) -> float:
+        per_example = num_examples if self.reduction == "mean" else 1
         return per_example / self.loss_scale()
 
 
@@ -167,7 +166,7 @@ class MonteCarloFisher(FisherKind):
         self._micro_batches = 0
         self._sampled = False
 
-    def grad_multiplier(self, step_examples: int, forward_examples: int) -> float:
+    def grad_multiplier(self, num_examples: int) -> float:
         return 1 / self.loss_scale()
 
     def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:

@@ -392,12 +392,6 @@ def _excluded_modules(model: nn.Module, named: dict[str, nn.Module],
     return found
 
 
-def find_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = ()
-                ) -> list[KroneckerLayer]:
-    """The tracked layers of :func:`plan_layers`."""
-    return plan_layers(model, exclude)[0]
-
-
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` is of a kind in :data:`LAYER_KINDS`."""
     return isinstance(module, tuple(LAYER_KINDS))

@@ -272,8 +272,7 @@ class Preconditioner:
         """:meth:`LayerBatch.mean` in ``factor_dtype``, with ``g`` the per-example gradients
         of the unscaled loss (see :meth:`tekfac.fisher.FisherKind.grad_multiplier`)."""
         dtype = self.config.factor_dtype or batch.layer.module.weight.dtype
-        n = batch.num_examples
-        return batch.mean(fn, dtype, lambda forward: self.fisher.grad_multiplier(n, forward))
+        return batch.mean(fn, dtype, self.fisher.grad_multiplier(batch.num_examples))
 
     def _factor_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
                            ) -> dict[KroneckerLayer, Weighted]:

@@ -69,7 +69,7 @@ class LayerBatch:
         return sum(group[0].num_examples for group in self.groups)
 
     def mean(self, fn: Callable[[Examples], Sequence[Tensor]], dtype: torch.dtype,
-             grad_multiplier: Callable[[int], float] | None = None) -> list[Tensor]:
+             grad_multiplier: float = 1.0) -> list[Tensor]:
         """The batch mean of the per-forward means ``fn(examples)``, the forwards weighted by
         their example counts (arguments as for :meth:`examples`)."""
         n = self.num_examples
@@ -79,18 +79,15 @@ class LayerBatch:
             total = part if total is None else [x + y for x, y in zip(total, part)]
         return total  # type: ignore[return-value]
 
-    def examples(self, dtype: torch.dtype, grad_multiplier: Callable[[int], float] | None = None
-                 ) -> Iterator[Examples]:
-        """The examples of every forward, in ``dtype``, with ``g`` times
-        ``grad_multiplier(n)`` for a forward of ``n`` examples (default 1); calls of one
-        forward are concatenated along ``T``."""
+    def examples(self, dtype: torch.dtype, grad_multiplier: float = 1.0) -> Iterator[Examples]:
+        """The examples of every forward, in ``dtype``, with ``g`` times ``grad_multiplier``;
+        calls of one forward are concatenated along ``T``."""
         layer = self.layer
         for group in self.groups:
             g = [layer.output_gradients(c.grad.to(dtype)) for c in group]
             g = torch.cat(g, dim=1) if len(g) > 1 else g[0]
-            multiplier = 1 if grad_multiplier is None else grad_multiplier(group[0].num_examples)
             yield Examples(layer, [c.inputs.to(dtype) for c in group],
-                           g * multiplier if multiplier != 1 else g)
+                           g * grad_multiplier if grad_multiplier != 1 else g)
 
 
 @dataclass(eq=False)
