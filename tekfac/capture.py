@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from tekfac.layers import KroneckerLayer
+from tekfac.layers import EmbeddingLayer, KroneckerLayer
 from tekfac.records import Call, LayerBatch
 
 
@@ -81,14 +81,32 @@ class Capture:
         for call in self.calls.get(layer, ()):
             if call.grad is not None and (forwards is None or call.forward in forwards):
                 groups.setdefault(call.forward, []).append(call)
-        for group in groups.values():
+        for forward, group in groups.items():
             sizes = [c.num_examples for c in group]
             if len(set(sizes)) > 1:
                 raise RuntimeError(
                     f"Layer {layer.name!r} was called on batches of different sizes {sizes} "
                     "within one forward; tekfac treats repeated calls in one forward as the same "
                     "examples (weight sharing). Exclude the layer or call it once per batch")
+            if isinstance(layer, EmbeddingLayer) and group[0].inputs.dim() == 1:
+                self._check_not_broadcast(layer, forward, sizes[0])
         return LayerBatch(layer, list(groups.values())) if groups else None
+
+    def _check_not_broadcast(self, layer: KroneckerLayer, forward: int, count: int) -> None:
+        """Refuse an embedding called on a 1-d input of ``count`` indices when the other layers
+        of the same forward see batches of another size: positions shared by the whole batch
+        (``wpe(torch.arange(T))``), whose output is broadcast over the batch, so that the
+        per-example gradients are summed before any hook sees them."""
+        others = {c.num_examples for la, calls in self.calls.items() if la is not layer
+                  for c in calls if c.forward == forward and c.inputs.dim() > 1}
+        if others and count not in others:
+            raise RuntimeError(
+                f"Layer {layer.name!r} (nn.Embedding) was called on a 1-d input of {count} "
+                f"indices while the other layers of the same forward see batches of "
+                f"{sorted(others)} examples: an embedding of positions shared by the whole batch "
+                "(e.g. wpe(torch.arange(T))) is broadcast over the batch, so its per-example "
+                "gradients are lost. Call it on positions expanded to the batch "
+                "(wpe(torch.arange(T).expand(B, T))), or exclude it")
 
     def clear(self) -> None:
         """Forget this step's records."""

@@ -31,11 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                         metavar="OPT", help=f"optimizers to run ({', '.join(OPTIMIZERS)})")
     common.add_argument("--data-dir", help="folder with the data sets (default: $TEKFAC_DATA, "
-                        "then /usr/share/datasets/fashion-mnist)")
+                        "then /usr/share/datasets/fashion-mnist and, for text-gpt, "
+                        "/usr/share/games/fortunes)")
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     common.add_argument("--batch-size", type=int, default=128)
     common.add_argument("--train-size", type=int, default=None,
-                        help="use only the first N training examples")
+                        help="use only the first N training examples (for text-gpt, windows "
+                        "of 64 characters)")
     common.add_argument("--epochs", type=int, default=None)
 
     bench_cmd = sub.add_parser("bench", parents=[common], help="compare the optimizers",

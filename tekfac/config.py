@@ -82,8 +82,9 @@ class CurvatureConfig:
         damping_floor: lower bound of the trace-relative damping (ignored otherwise).
         fisher: ``"mc"`` (true Fisher, labels sampled from the model) or ``"empirical"``.
         loss: the training loss, which fixes the MC sampling distribution: ``"cross_entropy"``
-            (categorical), ``"mse"`` (Gaussian of variance ½) or ``"bce_with_logits"``
-            (Bernoulli). Ignored by the empirical Fisher.
+            (categorical, from logits), ``"nll"`` (categorical, from the log-probabilities of
+            a model that ends in ``log_softmax``), ``"mse"`` (Gaussian of variance ½) or
+            ``"bce_with_logits"`` (Bernoulli). Ignored by the empirical Fisher.
         reduction: how the training loss reduces over the batch, ``"mean"`` or ``"sum"``.
         stat_decay: EMA weight of the old statistics, in ``[0, 1)``.
         cov_update_freq: steps between factor (and δ) updates.
@@ -92,6 +93,9 @@ class CurvatureConfig:
             scaling).
         factor_dtype: dtype of statistics and eigendecompositions; ``None`` uses the
             parameters' dtype.
+        max_factor_dim: a side of a block wider than this keeps only the diagonal of its
+            factor (with a warning naming the layer): an eigendecomposition costs ``d³`` and
+            its factor ``d²`` memory. ``None`` keeps every factor whole.
     """
 
     factors: str
@@ -107,6 +111,7 @@ class CurvatureConfig:
     eigen_update_freq: int = 100
     scale_update_freq: int = 10
     factor_dtype: torch.dtype | None = None
+    max_factor_dim: int | None = 8192
 
     def __post_init__(self) -> None:
         check_choice("factors", self.factors, FACTOR_KINDS)
@@ -120,6 +125,8 @@ class CurvatureConfig:
         check_number("stat_decay", self.stat_decay, 0.0, 1.0, high_open=True)  # 1: frozen
         for name in ("cov_update_freq", "eigen_update_freq", "scale_update_freq"):
             check_positive_int(name, getattr(self, name))
+        if self.max_factor_dim is not None:
+            check_positive_int("max_factor_dim", self.max_factor_dim)
         if (DAMPING_KINDS[self.damping_type].needs_factor_eigenvalues
                 and not SCALING_KINDS[self.scaling].factor_eigenvalues):
             raise ValueError(f"Invalid damping_type: {self.damping_type!r} damps the factors, so "

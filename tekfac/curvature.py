@@ -13,6 +13,7 @@ from torch import Tensor
 from tekfac.config import CurvatureConfig
 from tekfac.damping import DAMPING_KINDS
 from tekfac.layers import KroneckerLayer
+from tekfac.scaling import from_basis, to_basis
 from tekfac.state import LayerState
 
 
@@ -25,15 +26,17 @@ class Curvature:
     """
 
     def __init__(self, layer: KroneckerLayer, state: LayerState, config: CurvatureConfig):
-        if state.basis_in is None or state.scaling is None:
+        if not state.has_basis or state.scaling is None:
             raise RuntimeError(f"Layer {layer.name!r} has no curvature yet: run at least one "
                                "optimizer step with statistics (a training-mode forward and "
                                "backward) first")
         self.layer, self._state, self._config = layer, state, config
 
     def eigenbasis(self) -> tuple[Tensor, Tensor]:
-        """``(U_out, U_in)``: orthonormal, shapes ``(d_out, d_out)`` and ``(d_in, d_in)``."""
-        return self._state.basis_out, self._state.basis_in
+        """``(U_out, U_in)``: orthonormal, shapes ``(d_out, d_out)`` and ``(d_in, d_in)`` (the
+        identity on a diagonal side)."""
+        s = self._state
+        return _or_identity(s.basis_out, s.eig_out), _or_identity(s.basis_in, s.eig_in)
 
     def scaling(self) -> Tensor:
         """The undamped diagonal ``S`` of shape ``(d_out, d_in)``."""
@@ -52,7 +55,7 @@ class Curvature:
         """``F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``, in
         the row-major ``[W.flatten(1) | b]`` ordering."""
         diagonal = self.damped_scaling() if damped else self._state.scaling
-        q = torch.kron(self._state.basis_out, self._state.basis_in)
+        q = torch.kron(*self.eigenbasis())
         return (q * diagonal.reshape(-1)) @ q.T
 
     def precondition(self, matrix: Tensor) -> Tensor:
@@ -61,5 +64,12 @@ class Curvature:
         .. math:: U_{out} \\big((U_{out}^T M U_{in}) ⊘ D\\big) U_{in}^T.
         """
         u_out, u_in = self._state.basis_out, self._state.basis_in
-        rotated = u_out.T @ matrix.to(u_in.dtype) @ u_in
-        return (u_out @ (rotated / self.damped_scaling()) @ u_in.T).to(matrix.dtype)
+        rotated = to_basis(matrix.to(self._state.scaling.dtype), u_out, u_in)
+        return from_basis(rotated / self.damped_scaling(), u_out, u_in).to(matrix.dtype)
+
+
+def _or_identity(basis: Tensor | None, eigenvalues: Tensor) -> Tensor:
+    """``basis``, or the identity for a diagonal side's ``None``."""
+    if basis is not None:
+        return basis
+    return torch.eye(len(eigenvalues), dtype=eigenvalues.dtype, device=eigenvalues.device)

@@ -290,18 +290,19 @@ class WorkSplit:
         owner ('owner' mode; empty where the owner has no basis yet). ``zeros(layer, *shape)``
         makes the receive buffers."""
         layers = list(states)
-        templates = [[zeros(la, *state_shapes(la.d_in, la.d_out)[k]).fill_(float("nan"))
-                      for k in BASIS_KEYS] for la in layers]
+        keys = [[k for k in BASIS_KEYS if k in state_shapes(la)] for la in layers]
+        templates = [[zeros(la, *state_shapes(la)[k]).fill_(float("nan")) for k in names]
+                     for la, names in zip(layers, keys)]
 
         def held(i: int) -> list[Tensor]:
             state = states[layers[i]]
-            if state.basis_in is None:
+            if not state.has_basis:
                 return templates[i]
-            return [getattr(state, k) for k in BASIS_KEYS]
+            return [getattr(state, k) for k in keys[i]]
 
         shared = self.from_owners(layers, held, templates)
-        return [dict(zip(BASIS_KEYS, values)) if bool(torch.isfinite(values[0]).all()) else {}
-                for values in shared]
+        return [dict(zip(names, values)) if bool(torch.isfinite(values[0]).all()) else {}
+                for names, values in zip(keys, shared)]
 
 
 

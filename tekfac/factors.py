@@ -4,9 +4,11 @@ A factor kind turns one forward's examples (:class:`tekfac.records.Examples`: pa
 of shape ``(N, T, d_in)``, only ever unfolded piece by piece or not at all, and per-example
 output gradients ``g`` of shape ``(N, T, d_out)``) into batch estimates of an input-side factor
 ``(d_in, d_in)``, an output-side factor ``(d_out, d_out)`` and a scalar scale ``δ``, such that
-its Kronecker approximation is ``F̂ = δ · out ⊗ in``. Every statistic is a mean over examples,
-so the estimates of several micro-batches or ranks combine by a weighted average before
-:meth:`FactorKind.finalize`. :data:`FACTOR_KINDS` is the registry; a new kind is one entry.
+its Kronecker approximation is ``F̂ = δ · out ⊗ in``. A diagonal side (see
+:mod:`tekfac.layers`) gets the diagonal of that factor, a vector. Every statistic is a mean
+over examples, so the estimates of several micro-batches or ranks combine by a weighted
+average before :meth:`FactorKind.finalize`. :data:`FACTOR_KINDS` is the registry; a new kind
+is one entry.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class KroneckerFactors(FactorKind):
 
     def factors(self, ex: Examples) -> tuple[Tensor, Tensor]:
         n, t = ex.g.shape[:2]
-        return ex.input_moment() / (n * t), _gram(ex.g) / n
+        return ex.input_moment() / (n * t), _gram(ex.g, diagonal=ex.layer.diagonal_out) / n
 
     def scale(self, ex: Examples) -> Tensor:
         return ex.g.new_ones(())
@@ -78,7 +80,8 @@ class TraceRestrictedFactors(FactorKind):
     def factors(self, ex: Examples) -> tuple[Tensor, Tensor]:
         tr_a = ex.input_sq_norms()  # (N,) tr Λ_i
         tr_g = torch.linalg.vector_norm(ex.g, dim=(1, 2)).square()  # (N,) tr Γ_i
-        return ex.input_moment(tr_g) / ex.n, _gram(ex.g, tr_a) / ex.n
+        return (ex.input_moment(tr_g) / ex.n,
+                _gram(ex.g, tr_a, diagonal=ex.layer.diagonal_out) / ex.n)
 
     def scale(self, ex: Examples) -> Tensor:
         return example_sq_norms(ex).sum() / ex.n
@@ -96,12 +99,16 @@ FACTOR_KINDS: dict[str, FactorKind] = {
 }
 
 
-def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
-    """``Σ_i w_i X_i^T X_i`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``. One product over
-    the ``N·T`` rows; but when ``x`` is the transposed view of a contiguous ``(N, d, T)`` (a
-    convolution's output gradients) with ``T ≥ d``, one product per example, which copies
-    nothing and whose ``(N, d, d)`` results are at most the size of ``x``."""
+def _gram(x: Tensor, weights: Tensor | None = None, diagonal: bool = False) -> Tensor:
+    """``Σ_i w_i X_i^T X_i`` for ``x`` of shape ``(N, T, d)``; shape ``(d, d)``, or only its
+    diagonal ``(d,)`` if ``diagonal``. One product over the ``N·T`` rows; but when ``x`` is the
+    transposed view of a contiguous ``(N, d, T)`` (a convolution's output gradients) with
+    ``T ≥ d``, one product per example, which copies nothing and whose ``(N, d, d)`` results
+    are at most the size of ``x``."""
     t, d = x.shape[1:]
+    if diagonal:
+        squares = x.square().sum(dim=1)  # (N, d)
+        return squares.sum(dim=0) if weights is None else weights @ squares
     if t >= d and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         per_example = torch.bmm(x.transpose(1, 2), x)
         return per_example.sum(dim=0) if weights is None else torch.tensordot(weights,
@@ -111,8 +118,8 @@ def _gram(x: Tensor, weights: Tensor | None = None) -> Tensor:
 
 
 def _unit_trace(m: Tensor) -> Tensor:
-    """``m / tr(m)``; a zero matrix stays zero."""
-    tr = torch.diagonal(m).sum()
+    """``m / tr(m)`` (a vector: the diagonal of a factor, ``m / Σ m``); zero stays zero."""
+    tr = m.sum() if m.dim() == 1 else torch.diagonal(m).sum()
     return m / torch.where(tr > 0, tr, torch.ones_like(tr))
 
 

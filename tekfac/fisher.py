@@ -9,6 +9,8 @@
 Each supported loss fixes its distribution exactly (:data:`LIKELIHOODS`):
 
 * ``"cross_entropy"``: categorical over dim 1 of the logits ``(N, C, ...)``;
+* ``"nll"``: the same categorical for a model that ends in ``log_softmax``: ``F.nll_loss`` of
+  log-probabilities ``(N, C, ...)``, whose ``exp`` are the probabilities;
 * ``"mse"``: Gaussian with mean ``f`` and variance ½ (``nn.MSELoss`` has no ½ factor, so
   ``(y - f)^2 = -log N(y; f, ½) + const``);
 * ``"bce_with_logits"``: Bernoulli with probability ``sigmoid(f)``.
@@ -43,17 +45,31 @@ class Likelihood(NamedTuple):
 
 
 def _categorical(f: Tensor, generator: torch.Generator) -> Tensor:
-    probs = torch.softmax(f.float(), dim=_class_dim(f)).movedim(_class_dim(f), -1)
+    """One label per position from the softmax of the logits ``f`` along the class axis."""
+    return _draw(torch.softmax(f.float(), dim=_class_dim(f)), generator)
+
+
+def _categorical_log(f: Tensor, generator: torch.Generator) -> Tensor:
+    """One label per position from the log-probabilities ``f`` along the class axis."""
+    return _draw(f.float().exp(), generator)
+
+
+def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One label per position along the class axis of (unnormalised) probabilities."""
+    probs = probs.movedim(_class_dim(probs), -1)
     flat = probs.reshape(-1, probs.shape[-1])
-    # a position with non-finite logits draws from the uniform distribution instead of
-    # raising: its loss, hence its gradient, is non-finite anyway, and the step is skipped
-    flat = torch.where(flat.isfinite().all(dim=1, keepdim=True), flat, 1.0 / flat.shape[1])
+    # a position with non-finite outputs (or log-probabilities all -inf) draws from the
+    # uniform distribution instead of raising: its loss, hence its gradient, is non-finite
+    # anyway, and the step is skipped
+    valid = flat.isfinite().all(dim=1, keepdim=True) & (flat.sum(dim=1, keepdim=True) > 0)
+    flat = torch.where(valid, flat, 1.0 / flat.shape[1])
     labels = torch.multinomial(flat, 1, generator=generator)
     return labels.reshape(probs.shape[:-1])
 
 
 def _class_dim(outputs: Tensor) -> int:
-    """The class axis of logits as ``F.cross_entropy`` reads them: 1, or 0 for ``(C,)``."""
+    """The class axis as ``F.cross_entropy`` and ``F.nll_loss`` read it: 1, or 0 for
+    ``(C,)``."""
     return 1 if outputs.dim() > 1 else 0
 
 
@@ -69,6 +85,7 @@ def _bernoulli(f: Tensor, generator: torch.Generator) -> Tensor:
 #: Loss name → its likelihood (the MC sampling distribution).
 LIKELIHOODS: dict[str, Likelihood] = {
     "cross_entropy": Likelihood(_categorical, F.cross_entropy, class_axis=True),
+    "nll": Likelihood(_categorical_log, F.nll_loss, class_axis=True),
     "mse": Likelihood(_gaussian, F.mse_loss),
     "bce_with_logits": Likelihood(_bernoulli, F.binary_cross_entropy_with_logits),
 }
@@ -83,9 +100,10 @@ def check_layout(loss: str, outputs: Tensor, width: int) -> None:
     if outputs.shape[1] != width and outputs.shape[-1] == width:
         raise ValueError(
             f"optimizer.backward got outputs of shape {tuple(outputs.shape)}, whose class axis "
-            f"(dimension 1, as F.cross_entropy reads it) has {outputs.shape[1]} entries, while "
-            f"the last tracked layer gives {width} per position: pass exactly the tensor given "
-            "to the loss, e.g. logits.view(-1, logits.shape[-1]) or logits.transpose(1, -1)")
+            f"(dimension 1, as F.cross_entropy and F.nll_loss read it) has {outputs.shape[1]} "
+            f"entries, while the last tracked layer gives {width} per position: pass exactly the "
+            "tensor given to the loss, e.g. logits.view(-1, logits.shape[-1]) or "
+            "logits.transpose(1, -1)")
 
 
 def sample_targets(loss: str, outputs: Tensor, generator: torch.Generator) -> Tensor:

@@ -11,13 +11,19 @@ and ``g`` of shape ``(N, T, d_out)``, so that ``D_i = G_i A_i^T = g[i].T @ a[i]`
 :class:`KroneckerLayer` holds what all kinds share (shapes, the gradient matrix, splitting a
 direction back into parameters); :class:`LinearLayer` and :class:`ConvLayer` implement the
 views. A new layer kind is one subclass and one :data:`LAYER_KINDS` entry.
+
+A side of the block can be *diagonal* (:attr:`KroneckerLayer.diagonal_in`,
+:attr:`KroneckerLayer.diagonal_out`): its factor is kept as the vector of its diagonal, whose
+eigenbasis is the identity (docs/design.md §2(c)). The input side of an embedding is diagonal
+exactly (one-hot inputs); a side wider than ``max_factor_dim`` is restricted to its diagonal.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,18 +47,35 @@ class KroneckerLayer:
         d_in: columns of ``M``: ``in_features`` or ``in_channels·prod(kernel_size)``, plus one
             for the bias.
         d_out: rows of ``M``: ``out_features`` or ``out_channels``.
+        diagonal_in / diagonal_out: whether that side's factor is kept as its diagonal
+            (:meth:`input_moment` and the output-side statistics then return vectors).
     """
 
     unbatched_dims = 1
 
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module = name, module
-        self.has_bias = module.bias is not None
+        self.has_bias = getattr(module, "bias", None) is not None
         self.d_out = module.weight.shape[0]
         self.d_in = module.weight[0].numel() + int(self.has_bias)
+        self.diagonal_in = self.diagonal_out = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, d_out={self.d_out}, d_in={self.d_in})"
+
+    def restrict_to_diagonal(self, max_factor_dim: int | None) -> list[str]:
+        """Make every side wider than ``max_factor_dim`` diagonal; returns the sides changed
+        (``"input"``, ``"output"``)."""
+        if max_factor_dim is None:
+            return []
+        changed = []
+        if self.d_in > max_factor_dim and not self.diagonal_in:
+            self.diagonal_in = True
+            changed.append("input")
+        if self.d_out > max_factor_dim and not self.diagonal_out:
+            self.diagonal_out = True
+            changed.append("output")
+        return changed
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -65,20 +88,25 @@ class KroneckerLayer:
         """``p = d_out · d_in``, the size of the Kronecker block's side."""
         return self.d_out * self.d_in
 
-    def gradient_matrix(self, weight_decay: float = 0.0) -> Tensor | None:
-        """``[dW.flatten(1) | db]`` of shape ``(d_out, d_in)`` (plus ``weight_decay·M``), or
-        ``None`` when the layer received no gradient."""
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+    def gradient_matrix(self, weight_decay: float | Sequence[float] = 0.0) -> Tensor | None:
+        """``[dW.flatten(1) | db]`` of shape ``(d_out, d_in)``, plus ``wd·M`` (one ``wd``, or
+        one per parameter of :attr:`params`: ``[wd_W·W | wd_b·b]``), or ``None`` when the
+        layer received no gradient."""
+        params = self.params
+        if any(p.grad is None for p in params):
             return None
-        m = torch.cat([g.reshape(self.d_out, -1) for g in grads], dim=1)
-        if weight_decay:
-            m = m + weight_decay * self.parameter_matrix()
-        return m
+        decay = ([weight_decay] * len(params) if isinstance(weight_decay, (int, float))
+                 else weight_decay)
+        return self._matrix([p.grad + wd * p.detach() if wd else p.grad
+                             for p, wd in zip(params, decay)])
 
     def parameter_matrix(self) -> Tensor:
         """``[W.flatten(1) | b]`` of shape ``(d_out, d_in)``."""
-        return torch.cat([p.detach().reshape(self.d_out, -1) for p in self.params], dim=1)
+        return self._matrix([p.detach() for p in self.params])
+
+    def _matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Tensors shaped like :attr:`params` as one ``(d_out, d_in)`` matrix."""
+        return torch.cat([t.reshape(self.d_out, -1) for t in tensors], dim=1)
 
     def split(self, matrix: Tensor) -> list[Tensor]:
         """Cut a ``(d_out, d_in)`` matrix into tensors shaped like the weight and the bias."""
@@ -115,14 +143,16 @@ class KroneckerLayer:
 
     def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """``Σ_i w_i A_i A_i^T`` of shape ``(d_in, d_in)`` for a batched input ``x`` (weights
-        ``(N,)``, default 1), unfolding ``a`` in chunks (:mod:`tekfac.chunks`)."""
+        ``(N,)``, default 1), unfolding ``a`` in chunks (:mod:`tekfac.chunks`); only its
+        diagonal, ``(d_in,)``, if the input side is diagonal."""
         total = None
         for part in example_ranges(len(x), self.inputs(x[:1]).numel()):
             a = self.inputs(x[part])
             if weights is not None:
                 a = a * weights[part].sqrt()[:, None, None]
             a = a.reshape(-1, a.shape[-1])
-            total = a.T @ a if total is None else total + a.T @ a
+            moment = a.square().sum(dim=0) if self.diagonal_in else a.T @ a
+            total = moment if total is None else total + moment
         return total
 
     def input_moment_flops(self, x: Tensor) -> int:
@@ -184,7 +214,8 @@ class ConvLayer(KroneckerLayer):
     def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """As :meth:`KroneckerLayer.input_moment`, or by the spatial correlation of
         :mod:`tekfac.patch_moments` where that needs fewer FLOPs; both are exact."""
-        if patch_moments.correlation_is_cheaper(x.shape[1], self.padded(x[:1])[1]):
+        if not self.diagonal_in and patch_moments.correlation_is_cheaper(
+                x.shape[1], self.padded(x[:1])[1]):
             return patch_moments.second_moment(*self.padded(x), weights, self.has_bias)
         return super().input_moment(x, weights)
 
@@ -237,6 +268,80 @@ class ConvLayer(KroneckerLayer):
         return x, patch_moments.Geometry(kernel, stride, dilation, out)
 
 
+class EmbeddingLayer(KroneckerLayer):
+    """``nn.Embedding``: the weight is ``(V, d)``, so the parameter matrix is its transpose,
+    ``M = W^T`` of shape ``(d_out, d_in) = (d, V)``, and ``A_i`` holds the one-hot columns of the
+    example's ``T`` tokens. The input-side factor is diagonal exactly (token frequencies, zero
+    for tokens never seen, where only the damping acts), so the input side is always diagonal.
+    An input ``(N, ...)`` of indices is ``N`` examples of ``T = prod(...)`` tokens each (a 0-dim
+    index is one example); tokens equal to ``padding_idx`` receive no gradient, so they count
+    as no input. ``sparse``, ``max_norm`` and ``scale_grad_by_freq`` change the gradient the
+    block would precondition, so such embeddings are refused (see :func:`plan_layers`).
+    """
+
+    unbatched_dims = 0
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self.d_in, self.d_out = module.weight.shape
+        self.diagonal_in = True
+
+    def _matrix(self, tensors: list[Tensor]) -> Tensor:
+        return tensors[0].T
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        return [matrix.T]
+
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` as ``(N, T)`` indices, and the mask of tokens that are not ``padding_idx``
+        (``None`` without one)."""
+        tokens = x.reshape(x.shape[0], -1)
+        pad = self.module.padding_idx
+        return tokens, None if pad is None else tokens != pad
+
+    def _features(self, x: Tensor) -> Tensor:
+        tokens, mask = self._tokens(x)
+        dtype = self.module.weight.dtype
+        a = F.one_hot(tokens, self.d_in).to(dtype)
+        return a if mask is None else a * mask[..., None]
+
+    def output_gradients(self, gy: Tensor) -> Tensor:
+        return gy.reshape(gy.shape[0], -1, gy.shape[-1])
+
+    def locations(self, x: Tensor) -> int:
+        return x[0].numel()
+
+    def input_moment(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``Σ_i w_i A_i A_i^T`` is diagonal: the (weighted) count of every token."""
+        tokens, mask = self._tokens(x)
+        dtype = weights.dtype if weights is not None else self.module.weight.dtype
+        counts = tokens.new_ones(tokens.shape, dtype=dtype)
+        if weights is not None:
+            counts = counts * weights[:, None]
+        if mask is not None:
+            counts = counts * mask
+        return counts.new_zeros(self.d_in).index_add_(0, tokens.flatten(), counts.flatten())
+
+    def input_moment_flops(self, x: Tensor) -> int:
+        return x.numel()
+
+    def input_sq_norms(self, x: Tensor) -> Tensor:
+        tokens, mask = self._tokens(x)
+        dtype = self.module.weight.dtype
+        if mask is None:
+            return tokens.new_full((len(tokens),), tokens.shape[1], dtype=dtype)
+        return mask.sum(dim=1).to(dtype)
+
+    def example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        """``D_i = G_i A_i^T``: every token's output gradient added into its column."""
+        tokens, mask = self._tokens(x)
+        if mask is not None:
+            g = g * mask[..., None]
+        n, t, d = g.shape
+        d_i = g.new_zeros(n, self.d_in, d).scatter_add_(1, tokens[..., None].expand(n, t, d), g)
+        return d_i.transpose(1, 2)
+
+
 def _pair(value: int | tuple[int, ...], one_d: bool, fill: int = 1) -> tuple[int, int]:
     """A conv hyper-parameter as a ``(height, width)`` pair; a Conv1d gets height ``fill``."""
     if isinstance(value, int):
@@ -246,7 +351,8 @@ def _pair(value: int | tuple[int, ...], one_d: bool, fill: int = 1) -> tuple[int
 
 #: Module type → the layer class that gives it a Kronecker block.
 LAYER_KINDS: dict[type[nn.Module], type[KroneckerLayer]] = {
-    nn.Linear: LinearLayer, nn.Conv1d: ConvLayer, nn.Conv2d: ConvLayer}
+    nn.Linear: LinearLayer, nn.Conv1d: ConvLayer, nn.Conv2d: ConvLayer,
+    nn.Embedding: EmbeddingLayer}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -263,7 +369,8 @@ class Untracked(NamedTuple):
     reason: str
 
 
-def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = ()
+def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = (),
+                max_factor_dim: int | None = None
                 ) -> tuple[list[KroneckerLayer], list[Untracked]]:
     """The supported, trainable, not excluded layers of ``model`` in module order, and every
     other module with parameters of its own, with the reason it is left to the first-order
@@ -272,8 +379,12 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
     ``exclude`` holds modules, parameters (their layer is excluded: a block covers the weight
     and the bias together), or ``fnmatch`` patterns matched against qualified module names
     (``"classifier.*"``); excluding a module excludes its sub-modules. An entry that matches
-    nothing in the model is an error (a typo would otherwise pass unnoticed), and so are
-    grouped convolutions that are not excluded: all of them are named in one message.
+    nothing in the model is an error (a typo would otherwise pass unnoticed), and so are the
+    layers whose gradient no block fits, unless excluded — grouped convolutions and embeddings
+    with ``sparse``, ``max_norm`` or ``scale_grad_by_freq``: all of them are named in one
+    message. An embedding tied to another tracked layer (a language model's output layer) is
+    left to that layer's block. A side of a block wider than ``max_factor_dim`` is kept as its
+    diagonal, with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -281,7 +392,7 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
     excluded = _excluded_modules(model, named, list(exclude))
     inside_attention = {id(m) for a in named.values() if isinstance(a, nn.MultiheadAttention)
                         for m in a.modules() if m is not a}
-    layers, untracked, grouped = [], [], []
+    layers, untracked, refused = [], [], []
     for name, module in named.items():
         own = list(module.parameters(recurse=False))
         if not own:
@@ -294,20 +405,64 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
             reason = f"{type(module).__name__} has no Kronecker block"
         if reason is None and not all(p.requires_grad for p in own):
             reason = "frozen (requires_grad=False)"
-        if reason is None and getattr(module, "groups", 1) != 1:
-            grouped.append(f"{name!r} (groups={module.groups})")
-            continue
-        if reason is None:
+        if reason is None and (why := _unfit(module)):
+            refused.append(f"{name!r} ({why})")
+        elif reason is None:
             layers.append(make_layer(name, module))
         else:
             untracked.append(Untracked(name, module, reason))
-    if grouped:
+    if refused:
         raise ValueError(
-            f"Layers {', '.join(grouped)} are grouped convolutions, which have no single "
-            "Kronecker block; pass exclude=[...] with these layers (or their names) to give "
-            "them the first-order step instead")
+            f"Layers {', '.join(refused)} have gradients that no single Kronecker block fits "
+            "(grouped convolutions; embeddings with sparse, max_norm or scale_grad_by_freq); "
+            "pass exclude=[...] with these layers (or their names) to give them the "
+            "first-order step instead")
+    layers, tied = _untie_embeddings(layers)
     _check_shared(layers)
+    for layer in layers:
+        for side in layer.restrict_to_diagonal(max_factor_dim):
+            width = layer.d_in if side == "input" else layer.d_out
+            warnings.warn(
+                f"Layer {layer.name!r}: its {side}-side factor would be {width} × {width}, "
+                f"over max_factor_dim={max_factor_dim}; keeping only its diagonal. Raise "
+                "max_factor_dim to keep the full factor, or exclude the layer", stacklevel=4)
+    order = {name: i for i, name in enumerate(named)}
+    untracked = sorted(untracked + tied, key=lambda u: order[u.name])
     return layers, untracked
+
+
+def _unfit(module: nn.Module) -> str | None:
+    """Why no block fits a supported module's gradient, or ``None``."""
+    if getattr(module, "groups", 1) != 1:
+        return f"groups={module.groups}"
+    if isinstance(module, nn.Embedding):
+        options = [f"{k}={getattr(module, k)}" for k in ("sparse", "scale_grad_by_freq")
+                   if getattr(module, k)]
+        options += [f"max_norm={module.max_norm}"] if module.max_norm is not None else []
+        if options:
+            return ", ".join(options)
+    return None
+
+
+def _untie_embeddings(layers: list[KroneckerLayer]
+                      ) -> tuple[list[KroneckerLayer], list[Untracked]]:
+    """Leave an embedding whose weight another tracked layer also holds (weight tying) to
+    that layer's block: the two uses play transposed roles, so no single Kronecker block
+    covers both (docs/design.md §7)."""
+    holders: dict[int, list[KroneckerLayer]] = {}
+    for layer in layers:
+        for param in layer.params:
+            holders.setdefault(id(param), []).append(layer)
+    kept, tied = [], []
+    for layer in layers:
+        others = [o for o in holders[id(layer.module.weight)] if o is not layer]
+        if isinstance(layer, EmbeddingLayer) and others:
+            tied.append(Untracked(layer.name, layer.module, (
+                f"its weight is tied to {others[0].name!r}, whose block preconditions it "
+                "(built from that layer's use alone)")))
+        else:
+            kept.append(layer)
+    return kept, tied
 
 
 def describe_layers(model: nn.Module, layers: list[KroneckerLayer], untracked: list[Untracked],

@@ -7,48 +7,62 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from tekfac.config import check_instance, check_number
 from tekfac.curvature import Curvature
+from tekfac.layers import KroneckerLayer
 from tekfac.preconditioner import Preconditioner
 from tekfac.profiling import stage
 
 _CURVATURE_KEY = "curvature"
+
+#: The options a param group may set (the constructor's values fill in the others). KL
+#: clipping and the curvature options belong to the whole model.
+GROUP_OPTIONS = ("lr", "momentum", "nesterov", "weight_decay", "decoupled_weight_decay")
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
     """Momentum SGD on Kronecker-factored natural gradients.
 
     Per step, for every tracked layer with gradient matrix ``∇ = [dW | db]`` (plus
-    ``weight_decay·M`` if the decay is coupled):
+    ``wd·M`` for the parameters whose decay is coupled, each with its group's ``wd``):
 
     .. math::
         Δ = (F̂ + \\text{damping})^{-1} ∇, \\qquad
-        ν = \\min\\Big(1, \\sqrt{\\frac{κ}{\\text{lr}^2 \\sum_l \\langle Δ_l, ∇_l \\rangle}}\\Big),
+        ν = \\min\\Big(1, \\sqrt{\\frac{κ}{\\sum_p \\text{lr}_p^2 ⟨Δ_p, ∇_p⟩}}\\Big),
 
-    then the SGD rule ``b ← μ b + νΔ``, ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov). Every
-    other parameter (BatchNorm, LayerNorm, excluded layers, ...) takes the same momentum step
-    on its raw gradient. Decoupled weight decay multiplies all parameters by
+    the sum running over the tracked parameters ``p`` (weights and biases), ``lr_p`` the
+    learning rate of ``p``'s group: one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with
+    one group. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
+    ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov). Every other parameter (BatchNorm,
+    LayerNorm, excluded layers, ...) takes the same momentum step, with its group's options,
+    on its raw gradient. Decoupled weight decay multiplies a parameter by
     ``1 - lr·weight_decay`` before the step (AdamW style).
 
     With ``fisher="mc"`` (default) use ``optimizer.backward(loss, outputs)`` instead of
     ``loss.backward()``; with ``fisher="empirical"`` the ordinary loop works unchanged.
 
     Args:
-        model: the model to train (its own parameters are optimised; a
-            ``DistributedDataParallel`` wrapper is accepted).
+        model: the model to train (a ``DistributedDataParallel`` wrapper is accepted); its
+            Kronecker blocks and hooks come from it whatever ``params`` says.
         method: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
+        params: ``torch.optim``-style param groups, dicts with ``"params"`` and any of
+            :data:`GROUP_OPTIONS` (e.g. decay and no-decay groups); default one group with
+            every trainable parameter. Every trainable parameter of the model must be in
+            exactly one group. A layer's weight and bias in different groups still share one
+            Kronecker block and direction; each then takes its own group's step.
         lr: learning rate (≥ 0).
         momentum: momentum factor μ in ``[0, 1)``.
         nesterov: use Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 coefficient (≥ 0).
         decoupled_weight_decay: apply the decay to the parameters directly instead of adding
             it to the gradient before preconditioning.
-        kl_clip: κ of the KL clipping (Ba et al. 2017), or ``None`` to turn it off.
+        kl_clip: κ of the KL clipping (Ba et al. 2017), or ``None`` to turn it off; one
+            bound for the whole model, not a group option.
         exclude: modules or module-name patterns left to the first-order rule.
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the
@@ -63,31 +77,32 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             and TKFAC.
     """
 
-    def __init__(self, model: nn.Module, method: str = "tekfac", *, lr: float = 0.01,
+    def __init__(self, model: nn.Module, method: str = "tekfac", *,
+                 params: Iterable[Tensor] | Iterable[dict] | None = None, lr: float = 0.01,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  distributed_mode: str = "replicated", **curvature_options: object):
-        check_number("lr", lr, 0.0)
-        check_number("weight_decay", weight_decay, 0.0)
-        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        _check_options(defaults)
         if kl_clip is not None:
             check_number("kl_clip", kl_clip, 0.0, low_open=True)
-        check_instance("nesterov", nesterov, bool, "True or False")
-        check_instance("decoupled_weight_decay", decoupled_weight_decay, bool, "True or False")
-        if nesterov and momentum == 0:
-            raise ValueError("Invalid nesterov=True with momentum=0: Nesterov needs momentum > 0")
         self.preconditioner = Preconditioner(model, method, exclude=exclude, seed=seed,
                                              grad_scaler=grad_scaler,
                                              distributed_mode=distributed_mode,
                                              **curvature_options)
-        params = [p for p in self.preconditioner.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("Invalid model: it has no trainable parameters")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, kl_clip=kl_clip)
-        super().__init__(params, defaults)
+        if params is None:
+            params = [p for p in self.preconditioner.model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("Invalid model: it has no trainable parameters")
+        try:
+            super().__init__(params, {**defaults, "kl_clip": kl_clip})
+            self._check_every_parameter_grouped()
+        except (TypeError, ValueError):
+            self.preconditioner.remove_hooks()
+            raise
         self.method = method.lower()
 
     def __setstate__(self, state: dict) -> None:
@@ -119,20 +134,75 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         return self.preconditioner.describe()
 
     def __repr__(self) -> str:
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return f"{type(self).__name__}({self.method}, {group}, {self.preconditioner!r})"
+        groups = ", ".join(str({k: v for k, v in group.items() if k != "params"})
+                           for group in self.param_groups)
+        return f"{type(self).__name__}({self.method}, {groups}, {self.preconditioner!r})"
 
     def add_param_group(self, param_group: dict) -> None:
-        """Only the constructor's single group is allowed: curvature, KL clipping and the
-        learning rate are shared by all of the model's parameters."""
-        if self.param_groups:
-            raise ValueError("KroneckerOptimizer keeps all of the model's parameters in one group; "
-                             "build a separate optimizer (or use tekfac.Preconditioner) instead")
+        """Add a group of the model's parameters, as ``torch.optim`` does: ``"params"`` (a
+        parameter, or an iterable of parameters or of ``(name, parameter)`` pairs) and any of
+        :data:`GROUP_OPTIONS`; the constructor's values fill in the others. Every parameter
+        must be the model's and in no other group. After construction that leaves the
+        parameters that were frozen then (layers unfrozen for fine-tuning): they take the
+        first-order step, as a frozen layer got no Kronecker block."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param group {param_group!r}: expected a dict with a "
+                            "'params' entry")
+        where = f" in param group {len(self.param_groups)}"
+        unknown = sorted(set(param_group) - {"params", "initial_lr", *GROUP_OPTIONS})
+        if "kl_clip" in unknown:
+            raise ValueError(f"Invalid option 'kl_clip'{where}: one KL clip factor scales the "
+                             "whole model's step; pass kl_clip to the constructor")
+        if unknown:
+            raise ValueError(f"Invalid option(s) {unknown}{where}; a param group may set "
+                             f"{', '.join(GROUP_OPTIONS)}")
+        if "params" not in param_group:
+            raise ValueError(f"Invalid param group {len(self.param_groups)}: it has no "
+                             "'params' entry")
+        _check_options({**self.defaults, **param_group}, where)
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch.optim refuses sets, unordered
+            params = param_group["params"] = list(params)  # an iterator is read once
+        self._check_new_parameters([params] if isinstance(params, Tensor) else params, where)
         super().add_param_group(param_group)
 
+    def _check_new_parameters(self, params: Iterable[object], where: str) -> None:
+        """``ValueError`` unless every entry of ``params`` (a parameter or a ``(name,
+        parameter)`` pair) is a parameter of the model that is in no group yet, once."""
+        names = {p: name for name, p in self.preconditioner.model.named_parameters()}
+        grouped = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        seen: set[Tensor] = set()
+        for entry in params:
+            p = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else entry
+            if not isinstance(p, Tensor):
+                raise TypeError(f"Invalid entry {entry!r}{where}: expected parameters of the "
+                                "model")
+            if p not in names:
+                raise ValueError(f"Invalid parameter of shape {tuple(p.shape)}{where}: it is "
+                                 "not a parameter of the model, which defines what is "
+                                 "optimised (build a separate optimizer for other tensors)")
+            if p in grouped or p in seen:
+                other = f"param group {grouped[p]}" if p in grouped else "this group"
+                raise ValueError(f"Invalid parameter {names[p]!r}{where}: it is already in "
+                                 f"{other}; every parameter belongs to exactly one group")
+            seen.add(p)
+
+    def _check_every_parameter_grouped(self) -> None:
+        """``ValueError`` naming the model's trainable parameters that are in no group."""
+        grouped = {p for group in self.param_groups for p in group["params"]}
+        missing = [name for name, p in self.preconditioner.model.named_parameters()
+                   if p.requires_grad and p not in grouped]
+        if missing:
+            raise ValueError(f"Invalid params: the model's trainable parameters {missing} are "
+                             "in no param group; every trainable parameter must be in exactly "
+                             "one (add them to a group, e.g. with weight_decay=0.0, or freeze "
+                             "them with requires_grad_(False))")
+
+    # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Update the curvature statistics that are due, then take one preconditioned step.
+        """Update the curvature statistics that are due, then take one preconditioned step,
+        reading each group's options (a scheduler's ``lr``) now.
 
         A step whose model outputs or loss (as given to :meth:`backward`) or gradient hold
         NaN or Inf is skipped whole, as ``GradScaler`` skips such steps: no parameter,
@@ -143,37 +213,36 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        coupled = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+        kl_clip = self._kl_clip()
         pre = self.preconditioner
-        cause = pre.bad_step([p.grad for p in group["params"] if p.grad is not None])
+        groups = {p: group for group in self.param_groups for p in group["params"]}
+        cause = pre.bad_step([p.grad for p in groups if p.grad is not None])
         if cause is not None:
             pre.skip_step(cause)
             return loss
         pre.update_curvature()
-        pairs = self.preconditioner.directions(coupled)
+        decay = {p: _coupled_decay(groups[p]) for la in pre.layers for p in la.params}
+        pairs = pre.directions(decay)
         with stage("update"):
-            directions = self._clipped(pairs, group)
-            for p in group["params"]:
+            directions = _clipped(pairs, {p: groups[p]["lr"] for p in decay}, kl_clip)
+            for p, group in groups.items():
                 if p.grad is None:
                     continue
                 d_p = directions.get(p)
                 if d_p is None:
+                    coupled = _coupled_decay(group)
                     d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
                 self._sgd_update(p, d_p, group)
         return loss
 
-    def _clipped(self, pairs: dict, group: dict) -> dict[Tensor, Tensor]:
-        """Parameter → KL-clipped preconditioned direction, for the tracked layers, from
-        their ``(∇, Δ)`` pairs."""
-        directions = {la: d for la, (_, d) in pairs.items()}
-        if group["kl_clip"] is not None and pairs:
-            vdot = torch.stack([torch.vdot(g.reshape(-1), d.reshape(-1))
-                                for g, d in pairs.values()]).sum()
-            nu = _kl_clip_factor(vdot, group["lr"], group["kl_clip"])
-            directions = {la: d * nu for la, d in directions.items()}
-        return {p: piece for la, d in directions.items()
-                for p, piece in zip(la.params, la.split(d))}
+    def _kl_clip(self) -> float | None:
+        """κ, which every group holds (the constructor's or a checkpoint's value)."""
+        clips = {group["kl_clip"] for group in self.param_groups}
+        if len(clips) > 1:
+            raise ValueError(f"Invalid kl_clip: the param groups hold {sorted(clips, key=str)}, "
+                             "but one KL clip factor scales the whole model's step; set the "
+                             "same value in every group")
+        return clips.pop()
 
     def _sgd_update(self, p: Tensor, d_p: Tensor, group: dict) -> None:
         """``torch.optim.SGD``'s rule (no dampening) on the direction ``d_p``."""
@@ -192,14 +261,15 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The ``torch.optim`` state (momentum buffers, hyper-parameters) plus the curvature
-        state under the key ``"curvature"``."""
+        """The ``torch.optim`` state (momentum buffers, every group's options) plus the
+        curvature state under the key ``"curvature"``."""
         state = super().state_dict()
         state[_CURVATURE_KEY] = self.preconditioner.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`; ``ValueError`` if it does not match the model."""
+        """Restore :meth:`state_dict`; ``ValueError`` if it does not match the model or the
+        param groups (their number and sizes, as ``torch.optim`` checks)."""
         if _CURVATURE_KEY not in state_dict:
             raise ValueError("Invalid state_dict: no 'curvature' entry; it was not saved by a "
                              "tekfac optimizer")
@@ -214,12 +284,57 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             raise
 
 
-def _kl_clip_factor(vdot: Tensor, lr: float, kl_clip: float) -> Tensor:
-    """``ν = min(1, sqrt(κ / (lr² Σ⟨Δ,∇⟩)))`` as a tensor (no host synchronisation); 1 when
-    the quadratic form is not positive or lr is 0."""
-    denom = vdot * lr**2
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, (kl_clip / safe).sqrt().clamp(max=1.0), torch.ones_like(denom))
+def _check_options(options: Mapping[str, object], where: str = "") -> None:
+    """Validate the :data:`GROUP_OPTIONS` of the constructor (``where=""``) or of a group."""
+    check_number(f"lr{where}", options["lr"], 0.0)
+    check_number(f"weight_decay{where}", options["weight_decay"], 0.0)
+    check_number(f"momentum{where}", options["momentum"], 0.0, 1.0, high_open=True)
+    check_instance(f"nesterov{where}", options["nesterov"], bool, "True or False")
+    check_instance(f"decoupled_weight_decay{where}", options["decoupled_weight_decay"], bool,
+                   "True or False")
+    if options["nesterov"] and options["momentum"] == 0:
+        raise ValueError(f"Invalid nesterov=True with momentum=0{where}: Nesterov needs "
+                         "momentum > 0")
+
+
+def _coupled_decay(group: Mapping[str, object]) -> float:
+    """The decay a group adds to the gradient before preconditioning (0 if decoupled)."""
+    return 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+
+
+def _clipped(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]], rates: Mapping[Tensor, float],
+             kl_clip: float | None) -> dict[Tensor, Tensor]:
+    """Parameter → KL-clipped preconditioned direction, for the tracked layers, from their
+    ``(∇, Δ)`` pairs and the learning rate of each parameter's group."""
+    directions = {la: d for la, (_, d) in pairs.items()}
+    if kl_clip is not None and pairs:
+        nu = _kl_clip_factor(_kl_quadratic(pairs, rates), kl_clip)
+        directions = {la: d * nu for la, d in directions.items()}
+    return {p: piece for la, d in directions.items()
+            for p, piece in zip(la.params, la.split(d))}
+
+
+def _kl_quadratic(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]],
+                  rates: Mapping[Tensor, float]) -> Tensor:
+    """``Σ_p lr_p² ⟨Δ_p, ∇_p⟩`` over the tracked parameters. A layer whose parameters share
+    one rate contributes ``⟨Δ_l, ∇_l⟩`` of its whole matrix, and each rate multiplies the
+    sum of its terms, so that one group gives exactly ``lr² Σ_l ⟨Δ_l, ∇_l⟩``."""
+    terms: dict[float, list[Tensor]] = {}
+    for layer, (grad, direction) in pairs.items():
+        lrs = [rates[p] for p in layer.params]
+        pieces = ([(lrs[0], grad, direction)] if len(set(lrs)) == 1
+                  else zip(lrs, layer.split(grad), layer.split(direction)))
+        for lr, g, d in pieces:
+            terms.setdefault(lr, []).append(torch.vdot(g.reshape(-1), d.reshape(-1)))
+    return torch.stack([torch.stack(v).sum() * lr**2 for lr, v in terms.items()]).sum()
+
+
+def _kl_clip_factor(quadratic: Tensor, kl_clip: float) -> Tensor:
+    """``ν = min(1, sqrt(κ / q))`` for ``q = Σ_p lr_p² ⟨Δ_p, ∇_p⟩``, as a tensor (no host
+    synchronisation); 1 when ``q`` is not positive (e.g. every rate is 0)."""
+    safe = torch.where(quadratic > 0, quadratic, torch.ones_like(quadratic))
+    return torch.where(quadratic > 0, (kl_clip / safe).sqrt().clamp(max=1.0),
+                       torch.ones_like(quadratic))
 
 
 class KFAC(KroneckerOptimizer):

@@ -12,7 +12,7 @@ momentum SGD.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from tekfac.linalg import symmetric_eigh
 from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
 from tekfac.scaling import SCALING_KINDS
-from tekfac.state import LayerState
+from tekfac.state import LayerState, state_shapes
 
 
 class Preconditioner:
@@ -75,7 +75,7 @@ class Preconditioner:
                        "a torch.amp.GradScaler or None", optional=True)
         check_instance("seed", seed, int, "an int or None", optional=True)
         self.model = unwrap(model)
-        self.layers, self.untracked = plan_layers(self.model, exclude)
+        self.layers, self.untracked = plan_layers(self.model, exclude, c.max_factor_dim)
         self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
         self.comm = Communicator()
@@ -106,7 +106,7 @@ class Preconditioner:
         """Whether no layer's basis will be refreshed this step, so that the scaling can be
         re-fitted in the current bases before :meth:`update_curvature`."""
         return not self._due(self.config.eigen_update_freq) and all(
-            self.states[la].basis_in is not None for la in self.layers)
+            self.states[la].has_basis for la in self.layers)
 
     # ---------------------------------------------------------------- user-facing calls
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
@@ -222,7 +222,7 @@ class Preconditioner:
                     skipped = self._update_factors(reduced)
         refresh = [la for la in self.layers if la not in skipped and self.work.mine(la)
                    and self.states[la].factor_in is not None
-                   and (self._due(c.eigen_update_freq) or self.states[la].basis_in is None)]
+                   and (self._due(c.eigen_update_freq) or not self.states[la].has_basis)]
         if refresh:
             with stage("eigendecomposition"):
                 self._update_bases(refresh)
@@ -236,15 +236,20 @@ class Preconditioner:
         self.fisher.end_step()
         self._bad_outputs = None
 
-    def directions(self, weight_decay: float = 0.0
+    def directions(self, weight_decay: float | Mapping[Tensor, float] = 0.0
                    ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
         """``(∇, Δ)`` per layer that has a gradient: the ``(d_out, d_in)`` gradient matrix
-        (plus ``weight_decay·M``) and its preconditioned form ``(F̂ + damping)^{-1} ∇``; a
-        layer without curvature yet has ``Δ = ∇``. In 'owner' mode each layer's owner
-        preconditions it and broadcasts ``Δ``."""
+        (plus ``wd·M``, with one ``weight_decay`` or one per parameter) and its
+        preconditioned form ``(F̂ + damping)^{-1} ∇``; a layer without curvature yet has
+        ``Δ = ∇``. In 'owner' mode each layer's owner preconditions it and broadcasts ``Δ``."""
+        def decay(layer: KroneckerLayer) -> float | list[float]:
+            if isinstance(weight_decay, Mapping):
+                return [weight_decay.get(p, 0.0) for p in layer.params]
+            return weight_decay
+
         with stage("preconditioning"):
             grads = {la: g for la in self.layers
-                     if (g := la.gradient_matrix(weight_decay)) is not None}
+                     if (g := la.gradient_matrix(decay(la))) is not None}
 
             def precondition(layer: KroneckerLayer) -> Tensor:
                 state = self.states[layer]
@@ -288,14 +293,14 @@ class Preconditioner:
         stats = {la: (self._batch_mean(b, statistics), float(b.num_examples))
                  for la, b in batch.items()}
         return self.work.padded(stats, self.layers, lambda la: [
-            self._zeros(la, la.d_in, la.d_in), self._zeros(la, la.d_out, la.d_out),
-            self._zeros(la)])
+            self._zeros(la, *state_shapes(la)["factor_in"]),
+            self._zeros(la, *state_shapes(la)["factor_out"]), self._zeros(la)])
 
     def _scaling_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
                             ) -> dict[KroneckerLayer, Weighted]:
         """Layer → ([batch estimate of the re-fitted scaling in its current basis], count),
         for the layers with a basis, padded by the work split."""
-        layers = [la for la in self.layers if self.states[la].basis_in is not None]
+        layers = [la for la in self.layers if self.states[la].has_basis]
         stats = {}
         for layer in layers:
             if layer in batch:
@@ -329,10 +334,13 @@ class Preconditioner:
         return skipped
 
     def _update_bases(self, layers: list[KroneckerLayer]) -> None:
-        """Eigendecompose both factors of ``layers`` (where, is the work split's choice) and
-        install each layer's basis; a failed decomposition keeps the previous basis."""
-        matrices = [m for la in layers for m in (self.states[la].factor_in,
-                                                 self.states[la].factor_out)]
+        """Eigendecompose the factors of ``layers`` (where, is the work split's choice) and
+        install each layer's basis; a failed decomposition keeps the previous basis. A
+        diagonal side needs none: its eigenvalues are its factor's entries, its basis the
+        identity (``None``)."""
+        sides = [(la, side) for la in layers for side in ("in", "out")]
+        matrices = [getattr(self.states[la], f"factor_{side}") for la, side in sides
+                    if not _diagonal(la, side)]
 
         def compute(i: int) -> list[Tensor]:
             self.eigendecompositions += 1
@@ -344,12 +352,14 @@ class Preconditioner:
 
         results = self.work.eigendecompositions(matrices, compute)
         for layer in layers:
-            (eig_in, basis_in), (eig_out, basis_out) = next(results), next(results)
+            state = self.states[layer]
+            (eig_in, basis_in), (eig_out, basis_out) = (
+                (getattr(state, f"factor_{side}").clamp(min=0), None) if _diagonal(layer, side)
+                else next(results) for side in ("in", "out"))
             if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
                 self.warn_once(layer, "eigendecomposition failed", "keeping the previous basis")
                 continue
-            self.states[layer].install_basis(eig_in, basis_in, eig_out, basis_out,
-                                             self.scaling_kind)
+            state.install_basis(eig_in, basis_in, eig_out, basis_out, self.scaling_kind)
 
     def _update_scaling(self, reduced: dict[KroneckerLayer, Weighted],
                         skipped: set[KroneckerLayer]) -> None:
@@ -425,8 +435,7 @@ class Preconditioner:
                              f"{sorted(saved)}, the optimizer tracks {sorted(names)}")
         new_states = {}
         for layer in self.layers:
-            state = LayerState.from_dict(saved[layer.name], layer.name, layer.d_in,
-                                         layer.d_out, layer.module.weight.device)
+            state = LayerState.from_dict(saved[layer.name], layer, layer.module.weight.device)
             if not self.work.mine(layer):  # 'owner' mode: only the owner keeps the basis
                 state.drop_basis()
             new_states[layer] = state
@@ -440,6 +449,11 @@ class Preconditioner:
         """Detach from the model (no more statistics are recorded)."""
         self.capture.remove()
         self._clear()
+
+
+def _diagonal(layer: KroneckerLayer, side: str) -> bool:
+    """Whether the ``side`` (``"in"`` or ``"out"``) of ``layer``'s block is diagonal."""
+    return layer.diagonal_in if side == "in" else layer.diagonal_out
 
 
 def _method_name(factors: str, scaling: str) -> str:

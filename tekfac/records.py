@@ -86,8 +86,9 @@ class LayerBatch:
         for group in self.groups:
             g = [layer.output_gradients(c.grad.to(dtype)) for c in group]
             g = torch.cat(g, dim=1) if len(g) > 1 else g[0]
-            yield Examples(layer, [c.inputs.to(dtype) for c in group],
-                           g * grad_multiplier if grad_multiplier != 1 else g)
+            inputs = [c.inputs.to(dtype) if c.inputs.is_floating_point() else c.inputs
+                      for c in group]  # an embedding's indices stay integers
+            yield Examples(layer, inputs, g * grad_multiplier if grad_multiplier != 1 else g)
 
 
 @dataclass(eq=False)
@@ -109,13 +110,14 @@ class Examples:
         return self.g.shape[0]
 
     def input_moment(self, weights: Tensor | None = None) -> Tensor:
-        """``Σ_i w_i A_i A_i^T``, shape ``(d_in, d_in)``, without materialising the patches
-        where that is cheaper (see :meth:`KroneckerLayer.input_moment`)."""
-        return sum(self.layer.input_moment(x, weights) for x in self.inputs)
+        """``Σ_i w_i A_i A_i^T``, shape ``(d_in, d_in)`` (its diagonal ``(d_in,)`` for a
+        diagonal input side), without materialising the patches where that is cheaper (see
+        :meth:`KroneckerLayer.input_moment`)."""
+        return sum(self.layer.input_moment(x, weights) for x in self.inputs).to(self.g.dtype)
 
     def input_sq_norms(self) -> Tensor:
         """``tr(A_i A_i^T)`` per example, shape ``(n,)``."""
-        return sum(self.layer.input_sq_norms(x) for x in self.inputs)
+        return sum(self.layer.input_sq_norms(x) for x in self.inputs).to(self.g.dtype)
 
     def gradients(self) -> Iterator[Tensor]:
         """``D_i = G_i A_i^T`` of every example, ``(m, d_out, d_in)`` for consecutive ranges of
@@ -136,5 +138,5 @@ class Examples:
         examples, each ``a`` of at most about ``CHUNK_ELEMENTS`` elements: patches are
         unfolded piece by piece, so the whole batch's patches never exist at once."""
         for part in example_ranges(self.n, self.g.shape[1] * self.layer.d_in):
-            yield torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1), \
-                self.g[part]
+            a = torch.cat([self.layer.inputs(x[part]) for x in self.inputs], dim=1)
+            yield a.to(self.g.dtype), self.g[part]

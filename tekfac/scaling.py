@@ -1,7 +1,8 @@
 """The two diagonals that scale the Kronecker-factored eigenbasis (docs/design.md §2(b), §4.3).
 
 Every approximation is ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T`` with ``S`` of shape
-``(d_out, d_in)``; ``U_in (d_in, d_in)`` and ``U_out (d_out, d_out)`` are orthonormal bases. A
+``(d_out, d_in)``; ``U_in (d_in, d_in)`` and ``U_out (d_out, d_out)`` are orthonormal bases
+(``None`` stands for the identity: the basis of a diagonal side, :mod:`tekfac.layers`). A
 scaling kind says how ``S`` follows a new basis, and whether it is re-fitted from per-example
 statistics between bases. :data:`SCALING_KINDS` is the registry; a new kind is one entry.
 """
@@ -77,13 +78,34 @@ SCALING_KINDS: dict[str, ScalingKind] = {
 }
 
 
+def to_basis(matrix: Tensor, basis_out: Tensor | None, basis_in: Tensor | None) -> Tensor:
+    """``U_out^T M U_in`` for ``M`` of shape ``(..., d_out, d_in)``; a ``None`` basis is the
+    identity."""
+    if basis_out is not None:
+        matrix = basis_out.T @ matrix
+    return matrix if basis_in is None else matrix @ basis_in
+
+
+def from_basis(matrix: Tensor, basis_out: Tensor | None, basis_in: Tensor | None) -> Tensor:
+    """``U_out M U_in^T``, the inverse of :func:`to_basis`."""
+    if basis_out is not None:
+        matrix = basis_out @ matrix
+    return matrix if basis_in is None else matrix @ basis_in.T
+
+
+def _rotated(x: Tensor, basis: Tensor | None) -> Tensor:
+    """``x @ U`` (``x`` itself for the identity)."""
+    return x if basis is None else x @ basis
+
+
 def kronecker_scaling(eig_in: Tensor, eig_out: Tensor, scale: Tensor) -> Tensor:
     """Kronecker eigenvalues ``S = δ · λ_out λ_in^T`` (KFAC: ``δ = 1``); shape
     ``(d_out, d_in)``."""
     return scale * eig_out[:, None] * eig_in[None, :]
 
 
-def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tensor:
+def corrected_scaling(ex: Examples, basis_in: Tensor | None, basis_out: Tensor | None
+                      ) -> Tensor:
     """Batch estimate of the EKFAC diagonal from one forward's examples.
 
     .. math:: S = E[(U_{out}^T D_i U_{in})^{∘2}], \\quad D_i = G_i A_i^T,
@@ -93,27 +115,34 @@ def corrected_scaling(ex: Examples, basis_in: Tensor, basis_out: Tensor) -> Tens
     no per-example gradient is materialised. Otherwise the cheaper of two exact orders:
     rotate ``a`` and ``g`` first (``2NT(d_in² + d_out²)`` FLOPs) or rotate each ``D_i``
     (``2N d_in d_out (d_in + d_out)``); both then form ``D_i`` at ``2NT d_in d_out`` (the
-    second without unfolding, :meth:`tekfac.records.Examples.gradients`).
+    second without unfolding, :meth:`tekfac.records.Examples.gradients`). A diagonal side
+    needs no rotation; with a diagonal input side (an embedding's one-hot inputs) ``D_i`` is
+    formed without ``a``.
     """
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
-    if t == 1:
-        total = sum((g[:, 0] @ basis_out).square().T @ (a[:, 0] @ basis_in).square()
+    if t == 1 and basis_in is not None:
+        total = sum(_rotated(g[:, 0], basis_out).square().T @ (a[:, 0] @ basis_in).square()
                     for a, g in ex.pieces())
-    elif t * (d_in**2 + d_out**2) > d_in * d_out * (d_in + d_out):
-        total = sum((basis_out.T @ d @ basis_in).square_().sum(dim=0) for d in ex.gradients())
+    elif basis_in is None or t * (d_in**2 + d_out**2) > d_in * d_out * (d_in + d_out):
+        total = sum(to_basis(d, basis_out, basis_in).square_().sum(dim=0)
+                    for d in ex.gradients())
     else:
         total = sum(d.square().sum(dim=0) for a, g in ex.pieces()
-                    for d in per_example_gradients(a @ basis_in, g @ basis_out))
+                    for d in per_example_gradients(a @ basis_in, _rotated(g, basis_out)))
     return total / ex.n
 
 
-def carry_scaling(scaling: Tensor, old_in: Tensor, old_out: Tensor, new_in: Tensor,
-                  new_out: Tensor) -> Tensor:
+def carry_scaling(scaling: Tensor, old_in: Tensor | None, old_out: Tensor | None,
+                  new_in: Tensor | None, new_out: Tensor | None) -> Tensor:
     """The diagonal of the old ``F̂`` in a new basis (docs/design.md §4.3).
 
-    .. math:: S' = R_{out} S R_{in}^T, \\quad R = (U_{new}^T U_{old})^{∘2}.
+    .. math:: S' = R_{out} S R_{in}^T, \\quad R = (U_{new}^T U_{old})^{∘2}
+
+    (``R = I`` on a diagonal side, whose basis stays the identity).
     """
-    r_out = (new_out.T @ old_out).square()
-    r_in = (new_in.T @ old_in).square()
-    return r_out @ scaling @ r_in.T
+    if old_out is not None:
+        scaling = (new_out.T @ old_out).square() @ scaling
+    if old_in is not None:
+        scaling = scaling @ (new_in.T @ old_in).square().T
+    return scaling

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from tekfac.factors import FactorStatistics
+from tekfac.layers import KroneckerLayer
 from tekfac.scaling import ScalingKind
 
 
@@ -23,12 +24,17 @@ from tekfac.scaling import ScalingKind
 class LayerState:
     """Running statistics and the current eigenbasis of one layer (all in ``factor_dtype``).
 
+    A diagonal side (:mod:`tekfac.layers`) keeps its factor as a vector, ``(d_in,)`` or
+    ``(d_out,)``, and has no basis tensor: its eigenbasis is the identity, its eigenvalues are
+    the factor's entries.
+
     Attributes:
         factor_in: EMA of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
         factor_out: EMA of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
         scale: EMA of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling replaces
             ``δ``), 0-dim.
-        basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``.
+        basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``
+            (``None`` on a diagonal side).
         eig_in / eig_out: their eigenvalues, ``(d_in,)`` and ``(d_out,)``, clamped at 0.
         basis_scale: ``δ`` when the basis was computed, 0-dim.
         scaling: the diagonal ``S`` in the current basis, ``(d_out, d_in)``.
@@ -44,6 +50,11 @@ class LayerState:
     basis_scale: Tensor | None = None
     scaling: Tensor | None = None
 
+    @property
+    def has_basis(self) -> bool:
+        """Whether an eigendecomposition has been installed."""
+        return self.eig_out is not None
+
     def fold_factors(self, stats: FactorStatistics, decay: float) -> None:
         """EMA of the factors and ``δ`` with weight ``decay`` on the old values; the first
         update takes the batch estimate as it is (no identity prior)."""
@@ -54,11 +65,12 @@ class LayerState:
                                                               stats.factor_out, decay)
         self.scale = stats.scale if first else _ema(self.scale, stats.scale, decay)
 
-    def install_basis(self, eig_in: Tensor, basis_in: Tensor, eig_out: Tensor,
-                      basis_out: Tensor, kind: ScalingKind) -> None:
+    def install_basis(self, eig_in: Tensor, basis_in: Tensor | None, eig_out: Tensor,
+                      basis_out: Tensor | None, kind: ScalingKind) -> None:
         """Make a fresh eigendecomposition of the factors the basis, ``S`` following it as
-        ``kind`` says (Kronecker eigenvalues, or the old ``F̂``'s diagonal carried over)."""
-        old = None if self.basis_in is None else (self.basis_in, self.basis_out)
+        ``kind`` says (Kronecker eigenvalues, or the old ``F̂``'s diagonal carried over); a
+        ``None`` basis is that of a diagonal side, the identity."""
+        old = (self.basis_in, self.basis_out) if self.has_basis else None
         self.scaling = kind.on_new_basis(self.scaling, self.scale, old, (basis_in, basis_out),
                                          (eig_in, eig_out))
         self.basis_in, self.basis_out = basis_in, basis_out
@@ -78,18 +90,20 @@ class LayerState:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, entry: dict[str, Tensor], name: str, d_in: int, d_out: int,
-                  device: torch.device) -> LayerState:
-        """The state saved by :meth:`to_dict` for a ``(d_out, d_in)`` layer called ``name``,
-        on ``device``; ``ValueError`` for unknown keys or wrong shapes."""
-        unknown = set(entry) - set(STATE_KEYS)
+    def from_dict(cls, entry: dict[str, Tensor], layer: KroneckerLayer, device: torch.device
+                  ) -> LayerState:
+        """The state saved by :meth:`to_dict` for ``layer``, on ``device``; ``ValueError`` for
+        unknown keys or wrong shapes."""
+        shapes = state_shapes(layer)
+        unknown = set(entry) - set(shapes)
         if unknown:
-            raise ValueError(f"state_dict layer {name!r} has unknown keys {unknown}")
-        for key, shape in state_shapes(d_in, d_out).items():
+            raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown} (a "
+                             "basis saved for a side that is diagonal here?)")
+        for key, shape in shapes.items():
             value = entry.get(key)
             if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"state_dict does not match layer {name!r}: {key} has shape "
-                                 f"{tuple(value.shape)}, expected {shape}")
+                raise ValueError(f"state_dict does not match layer {layer.name!r}: {key} has "
+                                 f"shape {tuple(value.shape)}, expected {shape}")
         return cls(**{k: v.to(device) for k, v in entry.items()})
 
 
@@ -103,8 +117,15 @@ STATE_KEYS = tuple(f.name for f in dataclasses.fields(LayerState))
 BASIS_KEYS = ("basis_in", "basis_out", "eig_in", "eig_out", "basis_scale", "scaling")
 
 
-def state_shapes(d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every :class:`LayerState` field of a ``(d_out, d_in)`` layer."""
-    return {"factor_in": (d_in, d_in), "factor_out": (d_out, d_out), "scale": (),
-            "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
-            "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
+def state_shapes(layer: KroneckerLayer) -> dict[str, tuple[int, ...]]:
+    """The shape of every :class:`LayerState` field that ``layer`` can have (a diagonal side
+    has a vector factor and no basis)."""
+    d_in, d_out = layer.d_in, layer.d_out
+    shapes = {"factor_in": (d_in,) if layer.diagonal_in else (d_in, d_in),
+              "factor_out": (d_out,) if layer.diagonal_out else (d_out, d_out), "scale": (),
+              "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
+              "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
+    for side in ("in", "out"):
+        if getattr(layer, f"diagonal_{side}"):
+            del shapes[f"basis_{side}"]
+    return shapes

@@ -19,6 +19,18 @@ class MeanOverSequence(nn.Module):
         return x.mean(dim=1)
 
 
+class Tokens(nn.Module):
+    """Real inputs to token indices in ``[0, vocab)`` (so that the exact-algebra tests can feed
+    an embedding the same random batches as the other networks)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).floor().long().remainder(self.vocab)
+
+
 def tiny_net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     """A tiny float64 network and the shape of one input example."""
     if kind == "mlp":
@@ -37,12 +49,16 @@ def tiny_net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     elif kind == "sequence":  # Linear with a leading sequence dimension
         net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), MeanOverSequence(), nn.Linear(4, 3))
         shape = (4, 3)
+    elif kind == "embedding":  # token 0 is padding: no gradient, no statistics
+        net = nn.Sequential(Tokens(6), nn.Embedding(6, 4, padding_idx=0), nn.Tanh(),
+                            MeanOverSequence(), nn.Linear(4, 3))
+        shape = (5,)
     else:
         raise ValueError(kind)
     return net.double(), shape
 
 
-NETS = ["mlp", "cnn", "conv1d", "sequence"]
+NETS = ["mlp", "cnn", "conv1d", "sequence", "embedding"]
 
 
 def batch(shape: tuple[int, ...], n: int = 8, dtype: torch.dtype = torch.float64):

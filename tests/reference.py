@@ -8,7 +8,9 @@ shared with the package). ``D_i = G_i A_i^T`` is asserted, which checks all thre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,12 @@ def _unit_trace(m: Tensor) -> Tensor:
 
 
 def _layer_matrix_params(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings
     return module.weight[0].numel() + (module.bias is not None)
+
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def layer_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -85,31 +92,37 @@ def layer_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.cat(pieces, dim=2)
 
 
-def layer_references(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_entropy",
+def layer_references(model: nn.Module, x: Tensor, y: Tensor,
+                     loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
                      reduction: str = "mean") -> dict[nn.Module, LayerReference]:
-    """References for every Linear/Conv layer of ``model`` on the batch ``(x, y)``.
+    """References for every Linear/Conv/Embedding layer of ``model`` on the batch ``(x, y)``.
 
     The per-example loss is the training loss on the single example (so a batch-mean loss
-    times N), as in docs/design.md §1.
+    times N), as in docs/design.md §1: ``loss`` names one of :data:`LOSSES` (with
+    ``reduction``), or is the training loss itself as a function of the model output and the
+    labels, called on batches of one example.
     """
-    loss_fn = LOSSES[loss]
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    loss_fn = loss if callable(loss) else partial(LOSSES[loss], reduction=reduction)
+    layers = [m for m in model.modules() if isinstance(m, LAYERS)]
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = {m: n for n, m in model.named_modules()}
 
     def example_loss(p: dict, xi: Tensor, yi: Tensor) -> Tensor:
         out = functional_call(model, p, (xi[None],))
-        return loss_fn(out, yi[None], reduction=reduction)
+        return loss_fn(out, yi[None])
 
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
 
     refs = {}
     for layer in layers:
         name = names[layer]
-        d = layer_matrix(per_example[f"{name}.weight"], per_example.get(f"{name}.bias"))
+        if isinstance(layer, nn.Embedding):  # M = W^T
+            d = per_example[f"{name}.weight"].transpose(1, 2)
+        else:
+            d = layer_matrix(per_example[f"{name}.weight"], per_example.get(f"{name}.bias"))
         a_list, g_list = [], []
         for i in range(len(x)):
-            a_i, g_i = _example_a_g(model, layer, x[i:i + 1], y[i:i + 1], loss_fn, reduction)
+            a_i, g_i = _example_a_g(model, layer, x[i:i + 1], y[i:i + 1], loss_fn)
             a_list.append(a_i)
             g_list.append(g_i)
         ref = LayerReference(torch.stack(a_list), torch.stack(g_list), d)
@@ -118,7 +131,7 @@ def layer_references(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_
     return refs
 
 
-def _example_a_g(model, layer, xi, yi, loss_fn, reduction) -> tuple[Tensor, Tensor]:
+def _example_a_g(model, layer, xi, yi, loss_fn) -> tuple[Tensor, Tensor]:
     """``A_i (d_in, T)`` from the Jacobian of the output w.r.t. the weight; ``G_i (d_out, T)``
     from the gradient of the example's loss w.r.t. a zero probe on the output."""
     store = {}
@@ -134,7 +147,9 @@ def _example_a_g(model, layer, xi, yi, loss_fn, reduction) -> tuple[Tensor, Tens
         out = model(xi)
     finally:
         handle.remove()
-    (g,) = torch.autograd.grad(loss_fn(out, yi, reduction=reduction), [store["probe"]])
+    (g,) = torch.autograd.grad(loss_fn(out, yi), [store["probe"]])
+    if isinstance(layer, nn.Embedding):
+        return _embedding_a(layer, store["input"]), g.reshape(-1, layer.embedding_dim).T
     d_out = layer.weight.shape[0]
     g = g.reshape(d_out, -1) if isinstance(layer, nn.Conv1d | nn.Conv2d) else g.reshape(-1, d_out).T
 
@@ -153,3 +168,19 @@ def _example_a_g(model, layer, xi, yi, loss_fn, reduction) -> tuple[Tensor, Tens
         a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)], dim=0)
     assert a.shape[0] == _layer_matrix_params(layer)
     return a, g
+
+
+def _embedding_a(layer: nn.Embedding, tokens: Tensor) -> Tensor:
+    """``A_i (V, T)`` of an embedding: the Jacobian of output channel 0 w.r.t. column 0 of the
+    weight (row 0 of ``M = W^T``), a one-hot column per token; the ``padding_idx`` row gets no
+    gradient, so its column is zero."""
+    weight = layer.weight.detach()
+
+    def first_channel(column: Tensor) -> Tensor:
+        w = torch.cat([column[:, None], weight[:, 1:]], dim=1)
+        return F.embedding(tokens, w).reshape(-1, weight.shape[1])[:, 0]
+
+    a = jacrev(first_channel)(weight[:, 0]).T  # (V, T)
+    if layer.padding_idx is not None:
+        a[layer.padding_idx] = 0
+    return a

@@ -138,14 +138,15 @@ def _reduction_overlaps_the_backward(x, y):
             assert len(sent) == 1
 
 
-def _owner_mode(rank, world, tmp):
+def _owner_mode(rank, world, tmp, max_factor_dim):
+    options = dict(FAST, max_factor_dim=max_factor_dim)
     data = _data(world)
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     references = {}
     for method in ("kfac", "tkfac"):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
-        opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **FAST)
+        opt = tekfac.KroneckerOptimizer(net, method, fisher="empirical", **options)
         train(net, opt, data, mc=False)
         references[method] = net
     _init(rank, world, tmp)
@@ -154,7 +155,7 @@ def _owner_mode(rank, world, tmp):
         net, _ = tiny_net("cnn")
         ddp = nn.parallel.DistributedDataParallel(net)
         return net, ddp, tekfac.KroneckerOptimizer(ddp, method, fisher="empirical",
-                                                   distributed_mode="owner", **FAST)
+                                                   distributed_mode="owner", **options)
 
     for method, ref_net in references.items():
         net, ddp, opt = build(method)
@@ -166,13 +167,14 @@ def _owner_mode(rank, world, tmp):
             assert (p - q).norm() <= 1e-10 * q.norm(), method
         pre = opt.preconditioner
         mine = [la for la in pre.layers if pre.work.owners[la] == rank]
-        assert all(pre.states[la].basis_in is not None for la in mine)
-        assert all(pre.states[la].basis_in is None for la in pre.layers if la not in mine)
+        assert all(la.diagonal_in == (max_factor_dim is not None) for la in pre.layers)
+        assert all(pre.states[la].basis_out is not None for la in mine)
+        assert all(pre.states[la].basis_out is None for la in pre.layers if la not in mine)
         others = [la for la in pre.layers if la not in mine]
         if others:
             with pytest.raises(RuntimeError, match="held by rank"):
                 opt.curvature(others[0].module)
-        assert all("basis_in" in entry for entry in saved[1]["curvature"]["layers"].values())
+        assert all("basis_out" in entry for entry in saved[1]["curvature"]["layers"].values())
         # resume from the gathered state: the same parameters as without the interruption
         net2, ddp2, opt2 = build(method)
         net2.load_state_dict(saved[0])
@@ -182,8 +184,9 @@ def _owner_mode(rank, world, tmp):
             assert torch.equal(p, q), method
 
 
-def test_owner_mode_equals_the_reference_and_keeps_bases_on_owners(tmp_path):
-    launch(_owner_mode, 2, tmp_path)
+@pytest.mark.parametrize("max_factor_dim", [None, 10])  # 10: every input side diagonal
+def test_owner_mode_equals_the_reference_and_keeps_bases_on_owners(tmp_path, max_factor_dim):
+    launch(_owner_mode, 2, tmp_path, max_factor_dim)
 
 
 def test_owner_mode_is_refused_for_corrected_scaling():

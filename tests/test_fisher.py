@@ -5,7 +5,8 @@ their expected second moment is exact. Checked on the output-side KFAC factor of
 layer, ``G = (1/N) Σ_i G_i G_iᵀ``, averaged over many draws of the labels, against its exact
 expectation over the predictive distribution:
 
-* cross-entropy: ``E[G] = (1/N) Σ_i Σ_t (diag p_it − p_it p_itᵀ) / T²``;
+* cross-entropy: ``E[G] = (1/N) Σ_i Σ_t (diag p_it − p_it p_itᵀ) / T²``; the same for NLL of
+  ``log_softmax`` outputs along the loss's class axis (``p`` from the logits);
 * MSE (Gaussian, variance ½), averaged over ``T·C`` elements per example:
   ``E[G] = 2 / (T C²) · I``;
 * BCE with logits: ``E[G] = (1/N) Σ_i Σ_t diag(σ_it (1 − σ_it)) / (T C)²``.
@@ -37,14 +38,22 @@ LAYOUTS = {
     "(N, T, C) elementwise": (lambda z: z, T),  # MSE / BCE only: no class axis
 }
 CASES = [("cross_entropy", "(N, C)"), ("cross_entropy", "(N, C, T)"),
-         ("cross_entropy", "(N*T, C)"), ("mse", "(N*T, C)"), ("mse", "(N, T, C) elementwise"),
+         ("cross_entropy", "(N*T, C)"), ("nll", "(N, C)"), ("nll", "(N*T, C)"),
+         ("mse", "(N*T, C)"), ("mse", "(N, T, C) elementwise"),
          ("bce_with_logits", "(N*T, C)"), ("bce_with_logits", "(N, T, C) elementwise")]
+
+
+def loss_outputs(loss: str, outputs: torch.Tensor) -> torch.Tensor:
+    """What the model gives the loss: log-probabilities along the class axis for NLL (a model
+    that ends in ``log_softmax``), else the tensor itself."""
+    return outputs.log_softmax(dim=1) if loss == "nll" else outputs
 
 
 def user_loss(loss: str, outputs: torch.Tensor) -> torch.Tensor:
     """The user's own batch-mean loss (its labels do not matter to the MC statistics)."""
-    if loss == "cross_entropy":
-        return F.cross_entropy(outputs, torch.zeros_like(outputs.select(1, 0), dtype=torch.long))
+    if loss in ("cross_entropy", "nll"):
+        labels = torch.zeros_like(outputs.select(1, 0), dtype=torch.long)
+        return (F.cross_entropy if loss == "cross_entropy" else F.nll_loss)(outputs, labels)
     if loss == "mse":
         return F.mse_loss(outputs, torch.zeros_like(outputs))
     return F.binary_cross_entropy_with_logits(outputs, torch.zeros_like(outputs))
@@ -52,7 +61,7 @@ def user_loss(loss: str, outputs: torch.Tensor) -> torch.Tensor:
 
 def expected_g(loss: str, logits: torch.Tensor, t: int) -> torch.Tensor:
     """The exact expectation of ``G`` of the last layer; ``logits`` ``(N, t, C)``."""
-    if loss == "cross_entropy":
+    if loss in ("cross_entropy", "nll"):
         p = logits.softmax(-1)
         per_position = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
         return per_position.sum(dim=(0, 1)) / (N * t**2)
@@ -74,7 +83,7 @@ def test_mc_output_factor_is_the_exact_expectation_for_every_layout(loss, layout
     total = torch.zeros(C, C, dtype=torch.float64)
     for _ in range(DRAWS):
         logits = net(x)
-        outputs = view(logits)
+        outputs = loss_outputs(loss, view(logits))
         net.zero_grad()
         pre.backward(user_loss(loss, outputs), outputs)
         pre.update_curvature()
@@ -85,15 +94,17 @@ def test_mc_output_factor_is_the_exact_expectation_for_every_layout(loss, layout
     assert (total / DRAWS - expected).norm() <= 0.08 * expected.norm(), (total / DRAWS, expected)
 
 
-def test_logits_whose_class_axis_is_not_the_losses_are_refused():
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll"])
+def test_logits_whose_class_axis_is_not_the_losses_are_refused(loss):
     """``(N, T, V)`` logits given to backward while the loss read ``logits.view(-1, V)``: the
     class axis (dimension 1) would be the positions; a clear error instead."""
     net = sequence_model()
-    opt = tekfac.KFAC(net)
-    logits = net(torch.randn(N, T, D, dtype=torch.float64))
-    loss = F.cross_entropy(logits.view(-1, C), torch.zeros(N * T, dtype=torch.long))
+    opt = tekfac.KFAC(net, loss=loss)
+    outputs = net(torch.randn(N, T, D, dtype=torch.float64))
+    if loss == "nll":
+        outputs = outputs.log_softmax(dim=-1)
     with pytest.raises(ValueError, match=r"class axis.*view\(-1"):
-        opt.backward(loss, logits)
+        opt.backward(user_loss(loss, outputs.view(-1, C)), outputs)
 
 
 def test_unbatched_logits_sample_along_their_only_axis():

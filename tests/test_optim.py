@@ -34,7 +34,7 @@ FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
     (dict(damping=float("nan")), ValueError, "damping"),
     (dict(damping_type="huge"), ValueError, "damping_type"),
     (dict(fisher="true"), ValueError, "fisher"),
-    (dict(loss="nll"), ValueError, "loss"),
+    (dict(loss="hinge"), ValueError, "loss"),
     (dict(reduction="none"), ValueError, "reduction"),
     (dict(stat_decay=1.0), ValueError, "stat_decay"),
     (dict(cov_update_freq=0), ValueError, "cov_update_freq"),
@@ -440,10 +440,10 @@ def test_loading_a_mismatched_state_is_a_clear_error():
         tekfac.KFAC(net).load_state_dict(torch.optim.SGD(net.parameters()).state_dict())
 
 
-def test_single_param_group():
+def test_add_param_group_refuses_a_tensor_that_is_not_the_models():
     net, _ = tiny_net("mlp")
     opt = tekfac.KFAC(net)
-    with pytest.raises(ValueError, match="one group"):
+    with pytest.raises(ValueError, match="not a parameter of the model"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
 

@@ -16,6 +16,11 @@ the files itself or in the standard subfolder (``fashion-mnist`` or ``FashionMNI
 ``cifar-10-batches-py``, ``cifar-100-python``); without ``--data-dir``, Fashion-MNIST is finally
 looked for in ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
 The digits data ship with scikit-learn.
+
+The text data set ``fortunes`` (see `load_fortunes`) holds token windows instead of images:
+inputs of shape (N, T) and next-character targets of shape (N, T), both int64 indices into
+`CHARACTERS`. Its files are looked for like the others (subfolder ``fortunes``), finally in
+``/usr/share/games/fortunes`` (Debian package ``fortunes``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -46,13 +52,50 @@ FASHION_MNIST_HOW_TO = (
 )
 
 
-# Shape (C, H, W) of one example of each data set: `load_dataset` returns images of shape
-# (N, *INPUT_SHAPES[name]), e.g. for building a model or random stand-in inputs without the data.
-INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+FORTUNES_HOW_TO = (
+    "To obtain the fortunes corpus, run `apt-get install -y fortunes` (installs into "
+    f"{DEFAULT_FORTUNES_DIR}), or copy the fortune files of Debian's `fortunes` package "
+    f"(version 1:1.99.1) into a folder and pass --data-dir FOLDER or set {ENV_VAR}=FOLDER."
+)
+
+#: The fortune files of Debian's ``fortunes`` package (1:1.99.1), in the order they are read:
+#: about 2.6 MB of English text, 15,000 fortunes. A fixed list, so that other packages that
+#: install into the same folder (``fortunes-min`` alone, ``fortunes-bofh-excuses``, other
+#: languages) neither make a partial corpus nor change it. The package's ``.dat`` files are
+#: indexes and its ``.u8`` files links to the same text; neither is read.
+FORTUNES_FILES = (
+    "art", "ascii-art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs",
+    "education", "ethnic", "food", "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law",
+    "linux", "linuxcookie", "literature", "love", "magic", "medicine", "men-women",
+    "miscellaneous", "news", "paradoxum", "people", "perl", "pets", "platitudes", "politics",
+    "pratchett", "riddles", "science", "songs-poems", "sports", "startrek", "tao",
+    "translate-me", "wisdom", "work", "zippy",
+)
+
+#: The character vocabulary of the text data sets, token index -> character: index 0 is
+#: `UNKNOWN`, the token of every character not listed (in the training and the test text
+#: alike; in the fortunes corpus 47 characters of 2.5 million, mostly mis-encoded accents),
+#: then tab, newline and the 95 printable ASCII characters, in code-point order. Fixed rather
+#: than taken from the corpus, so that the model can be built without the data (`Task.build`
+#: takes no arguments) and every test character has a token.
+UNKNOWN = "\ufffd"
+CHARACTERS = UNKNOWN + "\t\n" + "".join(map(chr, range(32, 127)))
+
+#: Every ``TEST_EVERY``-th fortune (counting from 1) is held out as test text; see
+#: `split_fortunes`.
+TEST_EVERY = 10
+
+# Shape of one example of each data set: `load_dataset` returns inputs of shape
+# (N, *INPUT_SHAPES[name]), e.g. for building a model or random stand-in inputs without the data:
+# (C, H, W) images, or (T,) token windows for the text data set.
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "fashion-mnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
     "cifar100": (3, 32, 32),
     "digits": (1, 8, 8),
+    "fortunes": (64,),
 }
 
 # Per-channel mean and standard deviation of the training images (in [0, 1]).
@@ -70,15 +113,19 @@ class DataError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification data set held in memory.
+    """A classification data set held in memory, or a text data set cut into windows.
 
     Attributes:
         name: Data set name, as passed to `load_dataset`.
-        train_x: Training images, float32 of shape (N, C, H, W) in [0, 1].
-        train_y: Training labels, int64 of shape (N,) in [0, num_classes).
-        test_x: Test images, float32 of shape (M, C, H, W) in [0, 1].
-        test_y: Test labels, int64 of shape (M,).
-        num_classes: Number of classes.
+        train_x: Training images, float32 of shape (N, C, H, W) in [0, 1]; for text, input
+            tokens, int64 of shape (N, T).
+        train_y: Training labels, int64 of shape (N,) in [0, num_classes); for text, the next
+            token at every position, int64 of shape (N, T): ``train_y[i, t]`` follows
+            ``train_x[i, t]`` in the text.
+        test_x: Test images, float32 of shape (M, C, H, W) in [0, 1]; for text, (M, T) tokens.
+        test_y: Test labels, int64 of shape (M,); for text, (M, T) next tokens.
+        num_classes: Number of classes; for text, of tokens (the vocabulary's size).
+        vocab: For text, the character of each token index (`CHARACTERS`); None for images.
     """
 
     name: str
@@ -87,6 +134,7 @@ class Dataset:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    vocab: str | None = None
 
 
 def _search_dirs(
@@ -312,11 +360,135 @@ def _load_digits(data_dir: str | os.PathLike | None) -> Dataset:
     return Dataset("digits", train_x, train_y, test_x, test_y, num_classes=10)
 
 
+# A character overstruck with a backspace ("_\bA" prints an underlined A, "A\bA" a bold one):
+# the later character is the one kept.
+_OVERSTRIKE = re.compile(r"[^\x08]\x08")
+# Control characters other than tab and newline (the corpus has bells and stray backspaces).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# A fortune file separates its fortunes with lines that hold "%" alone.
+_SEPARATOR = re.compile(r"^%$", re.MULTILINE)
+
+
+def read_fortune_file(path: Path) -> list[str]:
+    """The fortunes of one fortune file, in file order, each cleaned.
+
+    The file is UTF-8 text whose entries are separated by lines holding ``%`` alone. Each
+    entry loses its overstrikes (``X\\bY`` becomes ``Y``), its other control characters but
+    tab and newline, and its leading and trailing newlines; entries left blank are dropped.
+
+    Raises:
+        DataError: The file cannot be read or is not UTF-8 text.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as UTF-8 text: {e}. {FORTUNES_HOW_TO}") from e
+    fortunes = []
+    for entry in _SEPARATOR.split(text.replace("\r\n", "\n")):
+        n = 1
+        while n:
+            entry, n = _OVERSTRIKE.subn("", entry)
+        entry = _CONTROL.sub("", entry).strip("\n")
+        if entry.strip():
+            fortunes.append(entry)
+    return fortunes
+
+
+def split_fortunes(fortunes: list[str]) -> tuple[list[str], list[str]]:
+    """The deterministic train/test split of the fortunes corpus.
+
+    Exact repeats of an earlier fortune are dropped (a few dozen fortunes appear in two
+    files), so that no test fortune is also training text. Of the rest, in the given order,
+    every `TEST_EVERY`-th (the 10th, 20th, ...) is test text: 10 %, spread over every file.
+
+    Args:
+        fortunes: All fortunes, in corpus order (`FORTUNES_FILES`, then file order).
+
+    Returns:
+        (train, test), each in corpus order.
+    """
+    unique = list(dict.fromkeys(fortunes))  # first occurrences, in order
+    train = [f for i, f in enumerate(unique, 1) if i % TEST_EVERY]
+    test = [f for i, f in enumerate(unique, 1) if not i % TEST_EVERY]
+    return train, test
+
+
+def join_fortunes(fortunes: list[str]) -> str:
+    """The text of a list of fortunes: each followed by a ``%`` line, as in a fortune file."""
+    return "".join(f + "\n%\n" for f in fortunes)
+
+
+# Token of each code point below 128; every other code point is `UNKNOWN` (index 0).
+_TOKEN_OF_ASCII = np.zeros(128, dtype=np.int64)
+_TOKEN_OF_ASCII[[ord(c) for c in CHARACTERS[1:]]] = np.arange(1, len(CHARACTERS))
+
+
+def encode(text: str) -> Tensor:
+    """The tokens of ``text``: int64 of shape (len(text),), indices into `CHARACTERS`, with
+    characters outside it mapped to 0 (`UNKNOWN`)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    tokens = np.where(codes < 128, _TOKEN_OF_ASCII[np.minimum(codes, 127)], 0)
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+def decode(tokens: Tensor) -> str:
+    """The text of 1-D ``tokens`` (indices into `CHARACTERS`); 0 decodes to `UNKNOWN`."""
+    return "".join(CHARACTERS[i] for i in tokens.tolist())
+
+
+def text_windows(tokens: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Cuts a token stream into consecutive, non-overlapping windows for next-token prediction.
+
+    Window ``i`` covers ``tokens[i·length : (i+1)·length + 1]``: its inputs are the first
+    ``length`` tokens, its targets the last ``length`` (the inputs shifted by one), so that every
+    token but the first is a target exactly once. A tail shorter than a window is dropped.
+
+    Args:
+        tokens: int64 token stream of shape (L,).
+        length: Window length T.
+
+    Returns:
+        (x, y), int64 of shape (N, T) with N = (L - 1) // T: inputs and targets.
+    """
+    n = max(0, (len(tokens) - 1) // length)
+    x = tokens[: n * length].reshape(n, length)
+    y = tokens[1 : n * length + 1].reshape(n, length)
+    return x, y
+
+
+def load_fortunes(data_dir: str | os.PathLike | None) -> Dataset:
+    """The fortunes corpus as a character-level language-modelling data set.
+
+    Reads the `FORTUNES_FILES` (`read_fortune_file`), splits the fortunes (`split_fortunes`),
+    joins each part back into fortune-file text (`join_fortunes`), encodes it (`encode`) and
+    cuts it into windows of ``INPUT_SHAPES["fortunes"]`` = (64,) tokens (`text_windows`). With
+    the Debian package: about 36,000 training and 4,000 test windows (2.3 M and 0.26 M
+    characters).
+
+    Raises:
+        DataError: A file is missing or unreadable, or a part is shorter than one window.
+    """
+    dirs = _search_dirs(data_dir, ("fortunes",), DEFAULT_FORTUNES_DIR)
+    files = _locate("Fortunes corpus", dirs, FORTUNES_FILES, FORTUNES_HOW_TO)
+    fortunes = [f for name in FORTUNES_FILES for f in read_fortune_file(files[name])]
+    (length,) = INPUT_SHAPES["fortunes"]
+    parts = []
+    for part, texts in zip(("training", "test"), split_fortunes(fortunes)):
+        x, y = text_windows(encode(join_fortunes(texts)), length)
+        if len(x) == 0:
+            raise DataError(f"the fortunes in {files[FORTUNES_FILES[0]].parent} leave less than "
+                            f"one window of {length + 1} characters of {part} text. "
+                            + FORTUNES_HOW_TO)
+        parts += [x, y]
+    return Dataset("fortunes", *parts, num_classes=len(CHARACTERS), vocab=CHARACTERS)
+
+
 _LOADERS = {
     "fashion-mnist": _load_fashion_mnist,
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
     "digits": _load_digits,
+    "fortunes": load_fortunes,
 }
 DATASET_NAMES = tuple(_LOADERS)
 
@@ -325,14 +497,14 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     """Loads a benchmark data set into memory.
 
     Args:
-        name: One of "fashion-mnist" (1x28x28), "cifar10", "cifar100" (3x32x32) or "digits"
-            (1x8x8).
+        name: One of "fashion-mnist" (1x28x28), "cifar10", "cifar100" (3x32x32), "digits"
+            (1x8x8) or "fortunes" (text, windows of 64 characters; `load_fortunes`).
         data_dir: Folder holding the data files or their standard subfolder; when given, the
-            only place searched. Otherwise $TEKFAC_DATA, then (Fashion-MNIST only)
-            /usr/share/datasets/fashion-mnist.
+            only place searched. Otherwise $TEKFAC_DATA, then (Fashion-MNIST)
+            /usr/share/datasets/fashion-mnist or (fortunes) /usr/share/games/fortunes.
 
     Returns:
-        The data set, images in [0, 1] and not normalised.
+        The data set, images in [0, 1] and not normalised, or token windows.
 
     Raises:
         ValueError: Unknown name.

@@ -1,9 +1,11 @@
 """Benchmark models.
 
-Every builder returns an `nn.Module` made of `nn.Linear` and `nn.Conv2d` layers (all with
+Every image model is an `nn.Module` made of `nn.Linear` and `nn.Conv2d` layers (all with
 groups=1), BatchNorm, ReLU and pooling, initialised by PyTorch's default initialisers; seed
 torch before building for reproducible weights. Classifiers map images of shape (N, C, H, W)
-to logits of shape (N, num_classes). `MODELS` maps each builder's name to the builder.
+to logits of shape (N, num_classes). The language model `tiny_gpt` maps int64 tokens (N, T) to
+next-token logits (N, T, V) and adds `nn.Embedding`, `nn.LayerNorm`, `nn.MultiheadAttention`
+and a head tied to the token embedding. `MODELS` maps each builder's name to the builder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -192,6 +195,93 @@ def resnet32(num_classes: int = 10) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _TransformerBlock(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + fc2(gelu(fc1(ln2(x))))``,
+    with causal multi-head self-attention and a 4x wide MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x`` (N, T, width); ``mask`` (T, T) bool, True where attention is not allowed."""
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """Small causal transformer language model; see `tiny_gpt`.
+
+    Attributes:
+        tok: Token embedding (vocab_size, width), shared with ``head``.
+        pos: Learned position embedding (block_size, width).
+        blocks: The pre-LN transformer blocks.
+        ln: Final LayerNorm.
+        head: Linear(width -> vocab_size) without bias, whose weight IS ``tok.weight``.
+    """
+
+    def __init__(self, vocab_size: int, block_size: int, width: int, depth: int,
+                 heads: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Embedding(block_size, width)
+        self.blocks = nn.ModuleList(_TransformerBlock(width, heads) for _ in range(depth))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # weight tying: one parameter, two uses
+        # GPT-2's embedding initialisation; PyTorch's N(0, 1) would give the tied head logits
+        # of standard deviation sqrt(width) at the start.
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """int64 tokens (N, T), T <= block_size -> logits (N, T, vocab_size); position t sees
+        tokens 0..t only."""
+        n, t = tokens.shape
+        if t > self.block_size:
+            raise ValueError(f"sequence of {t} tokens is longer than block_size "
+                             f"{self.block_size}")
+        # The positions are expanded to (N, T), not passed as a bare arange(T): the optimizer
+        # takes the leading dimension of every tracked layer's input as the batch, so each
+        # layer (the position embedding included) must see the N examples there.
+        pos = torch.arange(t, device=tokens.device).expand(n, t)
+        x = self.tok(tokens) + self.pos(pos)
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln(x))
+
+
+def tiny_gpt(vocab_size: int = 98, block_size: int = 64, width: int = 64, depth: int = 2,
+             heads: int = 4) -> TinyGPT:
+    """A small GPT-style causal transformer for character-level language modelling.
+
+    Token embedding plus learned position embedding, ``depth`` pre-LN blocks (LayerNorm, causal
+    ``nn.MultiheadAttention`` with ``heads`` heads, residual; LayerNorm, Linear(width -> 4·width),
+    GELU, Linear(4·width -> width), residual), a final LayerNorm, and a bias-free output layer
+    tied to the token embedding. No dropout. Embeddings are initialised N(0, 0.02²), the other
+    layers by PyTorch's defaults. The defaults are the text-gpt task's model (98 is
+    ``len(tekfac.bench.data.CHARACTERS)``): about 0.11 M parameters.
+
+    Args:
+        vocab_size: Number of tokens V.
+        block_size: Longest sequence T the model accepts (rows of the position embedding).
+        width: Model width (embedding size); divisible by ``heads``.
+        depth: Number of transformer blocks.
+        heads: Attention heads per block.
+
+    Returns:
+        Module mapping int64 tokens (N, T), T <= block_size, to logits (N, T, vocab_size).
+    """
+    return TinyGPT(vocab_size, block_size, width, depth, heads)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "autoencoder": autoencoder,
     "mlp": mlp,
@@ -199,4 +289,5 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "narrow_vgg": narrow_vgg,
     "vgg16": vgg16,
     "resnet32": resnet32,
+    "tiny_gpt": tiny_gpt,
 }

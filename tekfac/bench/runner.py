@@ -113,7 +113,7 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
 def _train_step(task: Task, model, opt, xb: Tensor, yb: Tensor,
                 generator: torch.Generator) -> float:
     targets = task.targets(xb, yb)
-    outputs = model(task.inputs(xb, generator))
+    outputs = task.forward(model, task.inputs(xb, generator))  # what the loss takes, exactly
     loss = task.loss_fn(outputs, targets)
     opt.zero_grad(set_to_none=True)
     backward(opt, loss, outputs)

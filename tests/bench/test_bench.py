@@ -14,7 +14,7 @@ import tekfac
 from tekfac.bench import campaign as campaign_module
 from tekfac.bench import data as data_module
 from tekfac.bench import tune as tune_module
-from tekfac.bench.data import INPUT_SHAPES
+from tekfac.bench.data import CHARACTERS, INPUT_SHAPES, text_windows
 from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS, SECOND_ORDER
 from tekfac.bench.report import SUMMARY_KEYS, plot, summarize, write_summary
 from tekfac.bench.runner import Split, run
@@ -29,10 +29,14 @@ from tekfac.bench.tune import (
 )
 from tekfac.cli import main
 
-CHEAP = ("fmnist-autoencoder", "fmnist-cnn", "fmnist-vgg", "digits-mlp")
+CHEAP = ("fmnist-autoencoder", "fmnist-cnn", "fmnist-vgg", "digits-mlp", "text-gpt")
 
 
 def tiny_split(task, n=8):
+    if task.language_model:  # token windows (n, T) and their next tokens
+        tokens = torch.randint(0, len(CHARACTERS), (n * INPUT_SHAPES[task.dataset][0] + 1,))
+        x, y = text_windows(tokens, INPUT_SHAPES[task.dataset][0])
+        return Split(x, y, x[:4], y[:4])
     x = torch.rand(n, *INPUT_SHAPES[task.dataset])
     classes = 100 if task.dataset == "cifar100" else 10
     y = torch.randint(0, classes, (n,))

@@ -20,6 +20,7 @@ from tekfac.bench.data import (
     normalize,
     split_validation,
 )
+from tests.bench.test_text import write_fortunes
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
@@ -27,9 +28,11 @@ IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """Hides $TEKFAC_DATA and the system Fashion-MNIST, so only the tests' files are found."""
+    """Hides $TEKFAC_DATA and the system Fashion-MNIST and fortunes, so only the tests' files
+    are found."""
     monkeypatch.delenv("TEKFAC_DATA", raising=False)
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "no-default")
+    monkeypatch.setattr(data, "DEFAULT_FORTUNES_DIR", tmp_path / "no-default")
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int, gz: bool = False, cut: int = 0) -> Path:
@@ -324,7 +327,7 @@ def test_digits():
 
 
 WRITERS = {"fashion-mnist": write_fashion_mnist, "cifar10": write_cifar10,
-           "cifar100": write_cifar100}
+           "cifar100": write_cifar100, "fortunes": write_fortunes}
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES)

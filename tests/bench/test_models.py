@@ -11,6 +11,7 @@ from tekfac.bench.models import (
     narrow_vgg,
     resnet32,
     small_cnn,
+    tiny_gpt,
     vgg16,
 )
 
@@ -49,6 +50,7 @@ def test_registry_lists_every_builder():
         "narrow_vgg": narrow_vgg,
         "vgg16": vgg16,
         "resnet32": resnet32,
+        "tiny_gpt": tiny_gpt,
     }
     assert expected == MODELS
 
@@ -58,10 +60,14 @@ def test_only_supported_layers_and_ungrouped_convs(name):
     model = MODELS[name]()
     assert all(m.groups == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
     with_params = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
-    assert with_params <= {nn.Linear, nn.Conv2d, nn.BatchNorm2d}
+    allowed = {nn.Linear, nn.Conv2d, nn.BatchNorm2d}
+    if name == "tiny_gpt":  # and the attention's output projection, a Linear subclass
+        allowed |= {nn.Embedding, nn.LayerNorm, nn.MultiheadAttention,
+                    nn.modules.linear.NonDynamicallyQuantizableLinear}
+    assert with_params <= allowed
 
 
-@pytest.mark.parametrize("name", ["autoencoder", "mlp", "small_cnn", "narrow_vgg"])
+@pytest.mark.parametrize("name", ["autoencoder", "mlp", "small_cnn", "narrow_vgg", "tiny_gpt"])
 def test_init_is_deterministic_given_the_seed(name):
     torch.manual_seed(0)
     first = MODELS[name]().state_dict()
