@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
 #: Relative jitter added to the diagonal on the float64 retry.
 JITTER = 1e-10
+#: Threads of a CPU eigendecomposition (``None``: torch's setting). LAPACK's ``syevd`` is a
+#: long chain of small parallel regions: on a CPU that other processes also use, each of them
+#: waits for a descheduled thread, which made 512² decompositions 4–90× slower on 2 cores
+#: (benchmarks/slow_steps.py, issue #15); on one thread they cost 1.3–1.5× an idle 2-thread run.
+EIGH_THREADS: int | None = 1
 
 
-def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+def symmetric_eigh(matrix: Tensor, on_retry: Callable[[], None] | None = None
+                   ) -> tuple[Tensor, Tensor] | None:
     """Eigenvalues (clamped at zero, ascending) and orthonormal eigenvectors of a symmetric
     positive semi-definite ``(d, d)`` matrix, in its dtype.
 
     ``torch.linalg.eigh`` is tried in the matrix's dtype; if it fails or returns non-finite
-    values, it is retried in float64 after adding ``JITTER · mean(diag)`` to the diagonal.
-    Returns ``None`` when that fails too or the input itself is not finite, so the caller can
-    keep its previous basis.
+    values, ``on_retry()`` is called and it is retried in float64 after adding
+    ``JITTER · mean(diag)`` to the diagonal. Returns ``None`` when that fails too or the input
+    itself is not finite, so the caller can keep its previous basis. On CPU it runs on
+    :data:`EIGH_THREADS` threads.
     """
     if not bool(torch.isfinite(matrix).all()):
         return None
     sym = (matrix + matrix.T) / 2
-    result = _try_eigh(sym)
-    if result is None:
-        wide = sym.double()
-        jitter = JITTER * wide.diagonal().abs().mean().clamp(min=1e-30)
-        result = _try_eigh(wide + jitter * torch.eye(len(wide), dtype=wide.dtype,
-                                                     device=wide.device))
+    with _threads(EIGH_THREADS if matrix.device.type == "cpu" else None):
+        result = _try_eigh(sym)
+        if result is None:
+            if on_retry is not None:
+                on_retry()
+            wide = sym.double()
+            jitter = JITTER * wide.diagonal().abs().mean().clamp(min=1e-30)
+            result = _try_eigh(wide + jitter * torch.eye(len(wide), dtype=wide.dtype,
+                                                         device=wide.device))
     if result is None:
         return None
     values, vectors = result
@@ -41,3 +54,16 @@ def _try_eigh(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
         return None
     return values, vectors
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` (unchanged for ``None``) inside."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)

@@ -338,13 +338,14 @@ class Preconditioner:
         install each layer's basis; a failed decomposition keeps the previous basis. A
         diagonal side needs none: its eigenvalues are its factor's entries, its basis the
         identity (``None``)."""
-        sides = [(la, side) for la in layers for side in ("in", "out")]
-        matrices = [getattr(self.states[la], f"factor_{side}") for la, side in sides
-                    if not _diagonal(la, side)]
+        dense = [(la, side) for la in layers for side in ("in", "out") if not _diagonal(la, side)]
+        matrices = [getattr(self.states[la], f"factor_{side}") for la, side in dense]
 
         def compute(i: int) -> list[Tensor]:
             self.eigendecompositions += 1
-            result = symmetric_eigh(matrices[i])
+            result = symmetric_eigh(matrices[i], lambda: self.warn_once(
+                dense[i][0], "eigendecomposition failed in the factor dtype",
+                "retrying in float64 with jitter"))
             if result is None:  # tell every rank, through non-finite values
                 m = matrices[i]
                 return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
