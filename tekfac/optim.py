@@ -36,9 +36,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         ν = \\min\\Big(1, \\sqrt{\\frac{κ}{\\sum_p \\text{lr}_p^2 ⟨Δ_p, ∇_p⟩}}\\Big),
 
     the sum running over the tracked parameters ``p`` (weights and biases), ``lr_p`` the
-    learning rate of ``p``'s group: one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with
-    one group. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
-    ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov). Every other parameter (BatchNorm,
+    *peak* learning rate of ``p``'s group (its ``initial_lr``, which a learning-rate scheduler
+    sets, else its ``lr``): one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with one group
+    and no scheduler. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
+    ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov) at the *current* ``lr``: the trust region is
+    set at the peak rate and the schedule scales the clipped step, so a warm-up or decay acts
+    on the tracked layers even while the clip binds (docs/design.md §4.5). The last ν is
+    :attr:`kl_factor`. Every other parameter (BatchNorm,
     LayerNorm, excluded layers, ...) takes the same momentum step, with its group's options,
     on its raw gradient. Decoupled weight decay multiplies a parameter by
     ``1 - lr·weight_decay`` before the step (AdamW style).
@@ -104,6 +108,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             self.preconditioner.remove_hooks()
             raise
         self.method = method.lower()
+        #: ν of the last step taken, a 0-dim tensor on the parameters' device (reading it
+        #: synchronises); ``None`` before the first step or without clipping.
+        self.kl_factor: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -224,7 +231,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         decay = {p: _coupled_decay(groups[p]) for la in pre.layers for p in la.params}
         pairs = pre.directions(decay)
         with stage("update"):
-            directions = _clipped(pairs, {p: groups[p]["lr"] for p in decay}, kl_clip)
+            peaks = {p: groups[p].get("initial_lr", groups[p]["lr"]) for p in decay}
+            directions, self.kl_factor = _clipped(pairs, peaks, kl_clip)
             for p, group in groups.items():
                 if p.grad is None:
                     continue
@@ -303,15 +311,17 @@ def _coupled_decay(group: Mapping[str, object]) -> float:
 
 
 def _clipped(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]], rates: Mapping[Tensor, float],
-             kl_clip: float | None) -> dict[Tensor, Tensor]:
-    """Parameter → KL-clipped preconditioned direction, for the tracked layers, from their
-    ``(∇, Δ)`` pairs and the learning rate of each parameter's group."""
+             kl_clip: float | None) -> tuple[dict[Tensor, Tensor], Tensor | None]:
+    """Parameter → KL-clipped preconditioned direction ``νΔ``, for the tracked layers, from
+    their ``(∇, Δ)`` pairs and the (peak) learning rate of each parameter's group; and ``ν``
+    (``None`` without clipping)."""
     directions = {la: d for la, (_, d) in pairs.items()}
+    nu = None
     if kl_clip is not None and pairs:
         nu = _kl_clip_factor(_kl_quadratic(pairs, rates), kl_clip)
         directions = {la: d * nu for la, d in directions.items()}
     return {p: piece for la, d in directions.items()
-            for p, piece in zip(la.params, la.split(d))}
+            for p, piece in zip(la.params, la.split(d))}, nu
 
 
 def _kl_quadratic(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]],

@@ -112,7 +112,7 @@ def test_a_first_order_group_is_torch_sgd_with_its_own_options():
 
 def test_a_scheduler_sets_each_groups_rate():
     """``LambdaLR`` with one lambda per group: each group's rate follows its own schedule,
-    and the steps equal those of a twin whose rates are set by hand."""
+    and the steps equal those of a twin whose rates (and peak rates) are set by hand."""
     def build(model: nn.Module) -> tekfac.KroneckerOptimizer:
         decay, no_decay = nanogpt_groups(model)
         return tekfac.TEKFAC(model, params=[{"params": decay}, {"params": no_decay, "lr": 0.05}],
@@ -120,6 +120,8 @@ def test_a_scheduler_sets_each_groups_rate():
 
     net, twin = small_net(), small_net()
     opt, by_hand = build(net), build(twin)
+    for group in by_hand.param_groups:  # the peak rates a scheduler records (the KL clip's)
+        group["initial_lr"] = group["lr"]
     schedules = [lambda s: 0.5**s, lambda s: 1.0 + s]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
     for s in range(4):
