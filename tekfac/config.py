@@ -93,6 +93,9 @@ class CurvatureConfig:
             scaling).
         factor_dtype: dtype of statistics and eigendecompositions; ``None`` uses the
             parameters' dtype.
+        basis_refresh_freq: steps between cheap refreshes of the eigenbases between full
+            eigendecompositions (one power-iteration step from the previous basis and a QR,
+            docs/design.md §4.2); ``None`` (default): full eigendecompositions only.
         max_factor_dim: a side of a block wider than this keeps only the diagonal of its
             factor (with a warning naming the layer): an eigendecomposition costs ``d³`` and
             its factor ``d²`` memory. ``None`` keeps every factor whole.
@@ -111,6 +114,7 @@ class CurvatureConfig:
     eigen_update_freq: int = 100
     scale_update_freq: int = 10
     factor_dtype: torch.dtype | None = None
+    basis_refresh_freq: int | None = None
     max_factor_dim: int | None = 8192
 
     def __post_init__(self) -> None:
@@ -125,8 +129,9 @@ class CurvatureConfig:
         check_number("stat_decay", self.stat_decay, 0.0, 1.0, high_open=True)  # 1: frozen
         for name in ("cov_update_freq", "eigen_update_freq", "scale_update_freq"):
             check_positive_int(name, getattr(self, name))
-        if self.max_factor_dim is not None:
-            check_positive_int("max_factor_dim", self.max_factor_dim)
+        for name in ("basis_refresh_freq", "max_factor_dim"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         if (DAMPING_KINDS[self.damping_type].needs_factor_eigenvalues
                 and not SCALING_KINDS[self.scaling].factor_eigenvalues):
             raise ValueError(f"Invalid damping_type: {self.damping_type!r} damps the factors, so "

@@ -25,7 +25,7 @@ from tekfac.factors import FACTOR_KINDS, FactorStatistics
 from tekfac.fisher import FISHER_KINDS
 from tekfac.guards import Faults, all_finite, non_finite
 from tekfac.layers import KroneckerLayer, describe_layers, plan_layers, unwrap
-from tekfac.linalg import symmetric_eigh
+from tekfac.linalg import power_iteration_refresh, symmetric_eigh
 from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
 from tekfac.scaling import SCALING_KINDS
@@ -105,8 +105,13 @@ class Preconditioner:
     def _basis_kept(self) -> bool:
         """Whether no layer's basis will be refreshed this step, so that the scaling can be
         re-fitted in the current bases before :meth:`update_curvature`."""
-        return not self._due(self.config.eigen_update_freq) and all(
+        return not (self._due(self.config.eigen_update_freq) or self._cheap_refresh_due()) and all(
             self.states[la].has_basis for la in self.layers)
+
+    def _cheap_refresh_due(self) -> bool:
+        """Whether the bases get a power-iteration refresh this step (docs/design.md §4.2)."""
+        freq = self.config.basis_refresh_freq
+        return freq is not None and self._due(freq)
 
     # ---------------------------------------------------------------- user-facing calls
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
@@ -220,12 +225,15 @@ class Preconditioner:
                 if self._due(c.cov_update_freq):
                     reduced = self.work.reduced("factors", lambda: self._factor_statistics(batch))
                     skipped = self._update_factors(reduced)
-        refresh = [la for la in self.layers if la not in skipped and self.work.mine(la)
-                   and self.states[la].factor_in is not None
-                   and (self._due(c.eigen_update_freq) or not self.states[la].has_basis)]
-        if refresh:
+        ready = [la for la in self.layers if la not in skipped and self.work.mine(la)
+                 and self.states[la].factor_in is not None]
+        refresh = [la for la in ready
+                   if self._due(c.eigen_update_freq) or not self.states[la].has_basis]
+        cheap = [la for la in ready if la not in refresh] if self._cheap_refresh_due() else []
+        if refresh or cheap:
             with stage("eigendecomposition"):
                 self._update_bases(refresh)
+                self._update_bases(cheap, from_previous=True)
         if self.scaling_kind.refits and self._due(c.scale_update_freq):
             with stage("scaling"):
                 reduced = self.work.reduced("scaling", lambda: self._scaling_statistics(batch))
@@ -333,19 +341,27 @@ class Preconditioner:
                 self.states[layer].fold_factors(stats, self.config.stat_decay)
         return skipped
 
-    def _update_bases(self, layers: list[KroneckerLayer]) -> None:
+    def _update_bases(self, layers: list[KroneckerLayer], from_previous: bool = False) -> None:
         """Eigendecompose the factors of ``layers`` (where, is the work split's choice) and
-        install each layer's basis; a failed decomposition keeps the previous basis. A
-        diagonal side needs none: its eigenvalues are its factor's entries, its basis the
-        identity (``None``)."""
+        install each layer's basis; a failed decomposition keeps the previous basis. With
+        ``from_previous``, refresh the previous basis by one power-iteration step and a QR
+        instead (:func:`tekfac.linalg.power_iteration_refresh`). A diagonal side needs
+        neither: its eigenvalues are its factor's entries, its basis the identity (``None``)."""
+        if not layers:
+            return
         dense = [(la, side) for la in layers for side in ("in", "out") if not _diagonal(la, side)]
         matrices = [getattr(self.states[la], f"factor_{side}") for la, side in dense]
 
         def compute(i: int) -> list[Tensor]:
             self.eigendecompositions += 1
-            result = symmetric_eigh(matrices[i], lambda: self.warn_once(
-                dense[i][0], "eigendecomposition failed in the factor dtype",
-                "retrying in float64 with jitter"))
+            layer, side = dense[i]
+            if from_previous:
+                result = power_iteration_refresh(
+                    matrices[i], getattr(self.states[layer], f"basis_{side}"))
+            else:
+                result = symmetric_eigh(matrices[i], lambda: self.warn_once(
+                    layer, "eigendecomposition failed in the factor dtype",
+                    "retrying in float64 with jitter"))
             if result is None:  # tell every rank, through non-finite values
                 m = matrices[i]
                 return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
