@@ -10,6 +10,7 @@ This module only builds the parser, checks the arguments (bad input is a usage e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from tekfac.bench import campaign, processes, tune
 from tekfac.bench.campaign import PRESETS
 from tekfac.bench.data import DataError
-from tekfac.bench.optimizers import OPTIMIZERS
+from tekfac.bench.optimizers import EXTRA_MODULES, OPTIMIZERS
 from tekfac.bench.tasks import TASKS
 
 
@@ -28,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
-                        metavar="OPT", help=f"optimizers to run ({', '.join(OPTIMIZERS)})")
+    common.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=None,
+                        metavar="OPT", help=f"optimizers to run ({', '.join(OPTIMIZERS)}; "
+                        "default: the preset's for bench, all for tune; soap and shampoo need "
+                        "the bench extra)")
     common.add_argument("--data-dir", help="folder with the data sets (default: $TEKFAC_DATA, "
                         "then /usr/share/datasets/fashion-mnist and, for text-gpt, "
                         "/usr/share/games/fortunes)")
@@ -38,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--train-size", type=int, default=None,
                         help="use only the first N training examples (for text-gpt, windows "
                         "of 64 characters)")
-    common.add_argument("--epochs", type=int, default=None)
+    common.add_argument("--epochs", type=int, default=None,
+                        help="override the task's fixed budget (Task.epochs)")
+    common.add_argument("--evals-per-epoch", type=int, default=4,
+                        help="evaluations per epoch (steps-to-target resolution; untimed)")
 
     bench_cmd = sub.add_parser("bench", parents=[common], help="compare the optimizers",
                                description="Train every (task, optimizer, seed) with the tuned "
@@ -63,13 +69,18 @@ def _parser() -> argparse.ArgumentParser:
                            "CUDA); --batch-size stays the global batch. For several machines use "
                            "torchrun (see README)")
 
-    tune_cmd = sub.add_parser("tune", parents=[common], help="tune learning rate and damping",
-                              description="Grid search with the same number of trials per "
-                              "optimizer, scored on a validation split of the training set.")
+    tune_cmd = sub.add_parser("tune", parents=[common], help="tune the hyper-parameters",
+                              description="Quasi-random (scrambled Sobol) search with the same "
+                              "number of trials per optimizer at the task's budget, scored by "
+                              "steps to the validation target on a split of the training set.")
     tune_cmd.add_argument("--task", required=True, choices=TASKS, metavar="TASK",
                           help=f"task to tune ({', '.join(TASKS)})")
     tune_cmd.add_argument("--out", type=Path, default=None,
                           help="result file (default tekfac/bench/tuned/<task>.json)")
+    tune_cmd.add_argument("--trials", type=int, default=tune.TRIALS,
+                          help="trials per optimizer (default %(default)s, a power of two)")
+    tune_cmd.add_argument("--resume", action="store_true",
+                          help="keep the finished trials in --out (same budget) and run the rest")
     tune_cmd.add_argument("--progress", action="store_true", help="show progress bars")
     return parser
 
@@ -78,7 +89,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reports bad arguments with ``parser.error`` (usage message, exit code 2)."""
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir!r} is not a directory")
-    for name in ("epochs", "batch_size", "train_size", "seeds"):
+    for name in ("epochs", "batch_size", "train_size", "seeds", "evals_per_epoch", "trials"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -89,9 +100,21 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but no CUDA GPU is available")
     if args.command == "bench":
+        optimizers = args.optimizers or PRESETS[args.preset]["optimizers"]
+    else:
+        optimizers = args.optimizers or list(OPTIMIZERS)
+    for name in optimizers:
+        module = EXTRA_MODULES.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            parser.error(f"optimizer {name} needs the package {module}: install the bench "
+                         "extra (pip install -e '.[bench]') or leave it out with --optimizers")
+    if args.command == "tune" and importlib.util.find_spec("optuna") is None:
+        parser.error("tekfac tune needs optuna: install the bench extra (pip install -e "
+                     "'.[bench]')")
+    if args.command == "bench":
         if args.tuned is not None:
             _check_tuned(parser, args.tuned, args.tasks or PRESETS[args.preset]["tasks"],
-                         args.optimizers)
+                         optimizers)
         out = args.out
         if args.resume and (out is None or not (out / "runs.jsonl").is_file()):
             parser.error(f"--resume needs --out with the runs.jsonl of an earlier run; "
@@ -141,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                     seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                     train_size=args.train_size, data_dir=args.data_dir, device=args.device,
                     out=args.out, resume=args.resume, tuned=args.tuned, quiet=args.quiet,
-                    command=command)
+                    command=command, evals_per_epoch=args.evals_per_epoch)
             else:
-                path = tune.main_tune(args.task, args.optimizers, args.epochs or 1,
-                                      args.train_size or 20_000, args.batch_size, args.data_dir,
-                                      args.out, not args.progress, args.device, command)
+                path = tune.main_tune(args.task, args.optimizers or list(OPTIMIZERS),
+                                      args.epochs, args.train_size, args.batch_size,
+                                      args.data_dir, args.out, not args.progress, args.device,
+                                      command, trials=args.trials,
+                                      evals_per_epoch=args.evals_per_epoch, resume=args.resume)
                 print(f"wrote {path}")
         except DataError as e:
             print(f"tekfac: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_without_a_scheduler_the_clip_is_ba_et_al(method):
     """No ``initial_lr``: ν = min(1, √(κ / (lr² Σ⟨Δ, ∇⟩))) with the current rate, whatever it
     is (a rate set by hand is the peak)."""
     for lr in (0.1, 0.4):
-        step, opt = first_step(method, None, kl_clip=1e-6, lr=lr)
+        _, opt = first_step(method, None, kl_clip=1e-6, lr=lr)
         pairs = opt.preconditioner.directions()  # the gradients of the step just taken
         q = sum(torch.vdot(g.flatten(), d.flatten()) for g, d in pairs.values()) * lr**2
         torch.testing.assert_close(opt.kl_factor, (1e-6 / q).sqrt(), rtol=1e-10, atol=0)

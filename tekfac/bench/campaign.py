@@ -4,8 +4,11 @@ A campaign takes its tasks, seeds and epochs from a preset (:data:`PRESETS`) unl
 the hyper-parameters from the tuning files (:func:`tekfac.bench.tune.load_hparams`), and
 trains each run with :func:`tekfac.bench.runner.run`. Into its output folder it writes
 ``config.json`` (the settings, the hyper-parameters and their source, the machine), then
-``runs.jsonl`` (one record per epoch, appended as the runs go), and at the end
-``summary.json``, ``summary.md`` and one plot per task (:mod:`tekfac.bench.report`).
+``runs.jsonl`` (one record per evaluation, several per epoch, appended as the runs go), and
+at the end ``summary.json``, ``summary.md``, one plot per task and the performance profile
+``performance_profile.png`` (:mod:`tekfac.bench.report`). Runs train on the whole training
+set minus the validation split (the data the trials trained on, see
+:func:`tekfac.bench.tune.tuning_split`) and are evaluated on the test set.
 
 A campaign can be resumed in the same folder with the same settings: its finished runs are
 kept and only the others are trained. Inside a process group every rank trains every run
@@ -26,32 +29,48 @@ import torch
 import torch.distributed as dist
 
 from tekfac.bench.data import Dataset, load_dataset
+from tekfac.bench.optimizers import OPTIMIZERS
 from tekfac.bench.processes import flushes_denormals
-from tekfac.bench.report import finished_records, markdown_table, plot, write_summary
+from tekfac.bench.report import (
+    finished_records,
+    markdown_table,
+    performance_profile,
+    plot,
+    summarize,
+    write_summary,
+)
 from tekfac.bench.runner import Split, run
 from tekfac.bench.tasks import TASKS, Task
-from tekfac.bench.tune import TUNED_DIR, load_hparams
+from tekfac.bench.tune import TUNED_DIR, load_hparams, tuning_split
 
-#: The campaigns ``tekfac bench --preset`` names: tasks, number of seeds, epochs per run.
+#: The campaigns ``tekfac bench --preset`` names: tasks, optimizers, number of seeds. Every
+#: run trains for its task's fixed budget (``Task.epochs``, the budget it was tuned at) unless
+#: ``--epochs`` overrides it. ``quick`` (the main job, 10-15 min on a 2-core CPU): the four
+#: optimizers the issue names, one seed; ``full``: every optimizer, the 3 final seeds.
 PRESETS: dict[str, dict] = {
-    "smoke": dict(tasks=["digits-mlp"], seeds=1, epochs=10),
-    "quick": dict(tasks=["fmnist-cnn", "fmnist-autoencoder"], seeds=1, epochs=2),
-    "full": dict(tasks=["fmnist-cnn", "fmnist-autoencoder", "fmnist-vgg"], seeds=3, epochs=10),
+    "smoke": dict(tasks=["digits-mlp"], optimizers=["sgd", "adamw", "kfac", "tekfac"],
+                  seeds=1),
+    "quick": dict(tasks=["fmnist-cnn", "fmnist-autoencoder"],
+                  optimizers=["sgd", "adamw", "kfac", "tekfac"], seeds=1),
+    "full": dict(tasks=["fmnist-cnn", "fmnist-autoencoder", "fmnist-vgg"],
+                 optimizers=list(OPTIMIZERS), seeds=3),
 }
 
 
-def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str],
+def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | None,
                seeds: int | None, epochs: int | None, batch_size: int, train_size: int | None,
                data_dir: str | None, device: str, out: Path | None, resume: bool,
-               tuned: Path | None, quiet: bool, command: str) -> None:
+               tuned: Path | None, quiet: bool, command: str,
+               evals_per_epoch: int = 4) -> None:
     """``tekfac bench``: run a campaign and write its outputs.
 
     Args:
-        preset: Key of :data:`PRESETS`; gives ``tasks``, ``seeds`` and ``epochs`` not given.
+        preset: Key of :data:`PRESETS`; gives ``tasks``, ``optimizers`` and ``seeds`` not
+            given.
         tasks: Task names (keys of :data:`tekfac.bench.tasks.TASKS`), or None.
-        optimizers: Optimizer names, each trained on every task and seed.
+        optimizers: Optimizer names, each trained on every task and seed, or None.
         seeds: Number of seeds (0, 1, ...), or None.
-        epochs: Epochs per run, or None.
+        epochs: Epochs per run, or None: each task's budget (``Task.epochs``).
         batch_size: Global minibatch size.
         train_size: Train on the first ``train_size`` training examples only (None: all).
         data_dir: Folder of the data sets (see :func:`tekfac.bench.data.load_dataset`).
@@ -61,6 +80,7 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str],
         tuned: Folder of the tuning files (None: the shipped ``tekfac/bench/tuned/``).
         quiet: Plain log lines instead of progress bars.
         command: The command line, recorded in ``config.json``.
+        evals_per_epoch: Test-set evaluations per epoch (time to target's resolution).
 
     Raises:
         tekfac.bench.data.DataError: A data set cannot be loaded.
@@ -69,15 +89,18 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str],
     rank = dist.get_rank() if dist.is_initialized() else 0
     defaults = PRESETS[preset]
     tasks = tasks or defaults["tasks"]
+    optimizers = optimizers or defaults["optimizers"]
     seeds = range(seeds or defaults["seeds"])
-    epochs = epochs or defaults["epochs"]
+    budgets = {t: epochs or TASKS[t].epochs for t in tasks}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("results") / stamp
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, data_dir) for t in tasks}
     hparams = {t: load_hparams(t, tuned or TUNED_DIR) for t in tasks}
     world = dist.get_world_size() if dist.is_initialized() else 1
-    settings = dict(tasks=tasks, optimizers=optimizers, seeds=list(seeds), epochs=epochs,
+    settings = dict(tasks=tasks, optimizers=optimizers, seeds=list(seeds), epochs=budgets,
                     batch_size=batch_size, train_size=train_size,
+                    evals_per_epoch=evals_per_epoch,
+                    warmup_fraction={t: TASKS[t].warmup_fraction for t in tasks},
                     hparams={t: {"values": h, "source": s} for t, (h, s) in hparams.items()})
     config = dict(command=command, **settings, device=device, processes=world,
                   machine=dict(platform=platform.platform(), processor=platform.machine(),
@@ -95,8 +118,9 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str],
         for name in tasks:
             task = TASKS[name]
             _run_task(task, datasets[task.dataset], hparams[name][0], optimizers, seeds,
-                      epochs=epochs, batch_size=batch_size, train_size=train_size,
-                      device=device, quiet=quiet, emit=emit, done=done)
+                      epochs=budgets[name], batch_size=batch_size, train_size=train_size,
+                      device=device, quiet=quiet, emit=emit, done=done,
+                      evals_per_epoch=evals_per_epoch)
 
     if rank == 0:
         _record_and_report(out, config, records, train)
@@ -124,12 +148,13 @@ def _record_and_report(out: Path, config: dict, records: list[dict],
         train(emit)
     write_summary(records, out)
     plot(records, out)
+    performance_profile(summarize(records), out / "performance_profile.png")
     print(markdown_table(json.loads((out / "summary.json").read_text())))
     print(f"total {time.perf_counter() - start:.0f}s; results in {out}")
 
 
 def _resumed(out: Path, settings: dict, config: dict) -> list[dict]:
-    """The records of the finished runs in ``out`` (those with every epoch); refuses settings
+    """The records of the finished runs in ``out`` (those with a last record); refuses settings
     that differ from the earlier invocation's. Adds the earlier commands to ``config``."""
     earlier = json.loads((out / "config.json").read_text())
     changed = [k for k, v in settings.items() if earlier.get(k) != json.loads(json.dumps(v))]
@@ -140,21 +165,23 @@ def _resumed(out: Path, settings: dict, config: dict) -> list[dict]:
     config["command"] = earlier["command"]
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
                if line.strip()]
-    return finished_records(records, settings["epochs"])
+    return finished_records(records)
 
 
 def _run_task(task: Task, data: Dataset, hparams: dict[str, dict[str, float]],
               optimizers: Sequence[str], seeds: range, *, epochs: int, batch_size: int,
               train_size: int | None, device: str, quiet: bool,
               emit: Callable[[dict], None] | None,
-              done: Collection[tuple[str, str, int]] = frozenset()) -> None:
+              done: Collection[tuple[str, str, int]] = frozenset(),
+              evals_per_epoch: int = 4) -> None:
     """Trains ``task`` with each optimizer and seed, skipping the (task, optimizer, seed) runs
     in ``done``; ``emit`` receives each record (None on the ranks that do not record)."""
-    n = train_size or len(data.train_x)
-    split = Split(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y)
+    train = tuning_split(data, train_size)  # the trials' training data, without validation
+    split = Split(train.train_x, train.train_y, data.test_x, data.test_y)
     for optimizer in optimizers:
         for seed in seeds:
             if (task.name, optimizer, seed) in done:
                 continue
             run(task, split, optimizer, hparams[optimizer], seed, epochs, batch_size, device,
-                quiet, emit)
+                quiet, emit, evals_per_epoch=evals_per_epoch,
+                warmup_fraction=task.warmup_fraction, measure_memory=True)

@@ -14,7 +14,8 @@ SUMMARY_KEYS = (
     "task", "optimizer", "seeds", "epochs", "metric_name", "final_train_loss_mean",
     "final_train_loss_std", "final_test_metric_mean", "final_test_metric_std", "target",
     "time_to_target_s_mean", "time_to_target_s_median", "seeds_reaching_target",
-    "step_time_ms_median", "wall_time_s_mean", "diverged_runs",
+    "step_time_ms_median", "wall_time_s_mean", "diverged_runs", "steps_to_target_median",
+    "step_cost_vs_sgd", "peak_memory_mb", "kl_clip_factor_median", "kl_clipped_fraction",
 )
 
 
@@ -25,14 +26,20 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def finished_records(records: list[dict], epochs: int) -> list[dict]:
-    """The records of the (task, optimizer, seed) runs that have every epoch ``0..epochs``
-    (an interrupted run has only its first ones)."""
-    seen: dict[tuple, set[int]] = defaultdict(set)
-    for r in records:
-        seen[r["task"], r["optimizer"], r["seed"]].add(r["epoch"])
-    wanted = set(range(epochs + 1))
-    return [r for r in records if seen[r["task"], r["optimizer"], r["seed"]] >= wanted]
+def finished_records(records: list[dict]) -> list[dict]:
+    """The records of the (task, optimizer, seed) runs that have their final record (marked
+    ``last`` by the runner; an interrupted run lacks it)."""
+    done = {(r["task"], r["optimizer"], r["seed"]) for r in records if r.get("last")}
+    return [r for r in records if (r["task"], r["optimizer"], r["seed"]) in done]
+
+
+def steps_to_target(records: list[dict], target: float, higher_is_better: bool) -> int | None:
+    """The step of the first evaluation whose metric meets ``target`` (records without a
+    ``step``, from the previous protocol, count epochs); None if none does."""
+    from tekfac.bench.search import steps_to_target as first_step
+
+    return first_step([dict(r, step=r.get("step", r["epoch"])) for r in records], target,
+                      higher_is_better)
 
 
 def time_to_target(records: list[dict], target: float, higher_is_better: bool) -> float | None:
@@ -67,6 +74,12 @@ def summarize(records: list[dict]) -> list[dict]:
                if (t := time_to_target(rs, task.target, task.higher_is_better)) is not None]
         steps = [r["step_time_ms"] for rs in by_seed.values() for r in rs
                  if r["step_time_ms"] is not None]
+        stt = [s for rs in by_seed.values()
+               if (s := steps_to_target(rs, task.target, task.higher_is_better)) is not None]
+        memory = [r["peak_memory_mb"] for rs in by_seed.values() for r in rs
+                  if r.get("peak_memory_mb") is not None]
+        nus = [v for rs in by_seed.values() for r in rs for v in r.get("kl_clip_factors", [])
+               if math.isfinite(v)]
         rows.append(dict(
             task=task_name, optimizer=optimizer, seeds=sorted(by_seed),
             epochs=max(r["epoch"] for r in finals), metric_name=task.metric,
@@ -80,7 +93,16 @@ def summarize(records: list[dict]) -> list[dict]:
             wall_time_s_mean=_mean_std([r["wall_time_s"] for r in finals
                                         if not r["diverged"]])[0],
             diverged_runs=sum(r["diverged"] for r in finals),
+            steps_to_target_median=statistics.median(stt) if stt else None,
+            peak_memory_mb=max(memory) if memory else None,
+            kl_clip_factor_median=statistics.median(nus) if nus else None,
+            kl_clipped_fraction=sum(v < 1 for v in nus) / len(nus) if nus else None,
         ))
+    sgd = {r["task"]: r["step_time_ms_median"] for r in rows if r["optimizer"] == "sgd"}
+    for r in rows:
+        base = sgd.get(r["task"])
+        r["step_cost_vs_sgd"] = (r["step_time_ms_median"] / base
+                                 if base and r["step_time_ms_median"] is not None else None)
     return rows
 
 
@@ -91,8 +113,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table, one line per (task, optimizer)."""
     head = ("| task | optimizer | seeds | epochs | final train loss | final test metric | "
-            "target | seeds at target | time to target (s, median) | step (ms, median) | "
-            "wall (s, mean) | diverged |")
+            "target | seeds at target | time to target (s, median) | steps to target | "
+            "step (ms, median) | ×SGD | peak MiB | ν median | wall (s, mean) | diverged |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -101,7 +123,9 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['metric_name']} {_fmt(r['final_test_metric_mean'])} ± "
             f"{_fmt(r['final_test_metric_std'], 2)} | {r['target']} | "
             f"{r['seeds_reaching_target']}/{len(r['seeds'])} | "
-            f"{_fmt(r['time_to_target_s_median'])} | {_fmt(r['step_time_ms_median'], 3)} | "
+            f"{_fmt(r['time_to_target_s_median'])} | {_fmt(r['steps_to_target_median'])} | "
+            f"{_fmt(r['step_time_ms_median'], 3)} | {_fmt(r.get('step_cost_vs_sgd'), 3)} | "
+            f"{_fmt(r.get('peak_memory_mb'), 3)} | {_fmt(r.get('kl_clip_factor_median'), 3)} | "
             f"{_fmt(r['wall_time_s_mean'])} | {r['diverged_runs']} |")
     return "\n".join(lines) + "\n"
 
@@ -154,3 +178,40 @@ def plot(records: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def performance_profile(rows: list[dict], path: Path, tau_max: float = 10.0) -> Path:
+    """Write the performance profile of the summary ``rows`` as a PNG (AlgoPerf-style).
+
+    For optimizer ``o`` and task ``t`` let ``r_{o,t} = T_{o,t} / min_o' T_{o',t}``, where
+    ``T`` is the median training time to the test target (``time_to_target_s_median``;
+    infinite when no seed reached it). The curve of ``o`` is
+    ``ρ_o(τ) = |{t : r_{o,t} ≤ τ}| / |tasks|`` for ``τ`` in ``[1, tau_max]`` (log axis): the
+    fraction of tasks it solves within ``τ`` times the fastest optimizer's time.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        t = r["time_to_target_s_median"]
+        times[r["optimizer"]][r["task"]] = math.inf if t is None else t
+    tasks = sorted({r["task"] for r in rows})
+    best = {t: min(times[o].get(t, math.inf) for o in times) for t in tasks}
+    taus = [tau_max ** (i / 200) for i in range(201)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for optimizer, by_task in times.items():
+        ratios = [by_task.get(t, math.inf) / best[t] if math.isfinite(best[t]) else math.inf
+                  for t in tasks]
+        ax.step(taus, [sum(r <= tau for r in ratios) / len(tasks) for tau in taus],
+                where="post", label=optimizer)
+    ax.set(xscale="log", xlabel="τ (time to target / fastest optimizer's)",
+           ylabel="fraction of tasks", ylim=(-0.02, 1.02),
+           title=f"Performance profile ({len(tasks)} tasks)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,11 +1,18 @@
-"""One training run: a task, an optimizer, hyper-parameters, a seed, an epoch budget.
+"""One training run: a task, an optimizer, hyper-parameters, a seed, a budget.
 
-Each run yields one record per epoch (epoch 0 is the untrained model):
-``task, optimizer, seed, epoch, train_loss, test_metric, wall_time_s, step_time_ms``.
-``train_loss`` is the mean minibatch loss over the epoch, ``wall_time_s`` the cumulative
-training time (evaluation excluded), ``step_time_ms`` the median time of the epoch's steps
-(forward, backward, optimizer step). A run whose loss becomes non-finite stops and is marked
-``diverged``.
+Each run yields one record per evaluation (``evals_per_epoch`` per epoch, plus step 0, the
+untrained model): ``task, optimizer, seed, epoch, step, train_loss, test_metric, wall_time_s,
+step_time_ms, diverged, last``. ``epoch`` is ``step / steps_per_epoch`` (fractional between
+epochs); ``test_metric`` is the task's metric on the split's evaluation set (the validation
+split while tuning, the test set in the final runs); ``train_loss`` is the mean minibatch
+loss since the previous evaluation; ``wall_time_s`` the cumulative training time (forward,
+backward, optimizer step; evaluation, logging and memory probe excluded); ``step_time_ms``
+the median step time since the previous evaluation; ``last`` marks the run's final record.
+The Kronecker methods' records also hold ``kl_clip_factors``, the KL-clip factor ν of every
+step since the previous record (:class:`KlClipLog`); with ``measure_memory`` the first record
+of a single-process run holds ``peak_memory_mb`` (:func:`peak_memory_mb`). A run whose loss
+becomes non-finite stops and is marked ``diverged``. The learning rate follows
+:func:`warmup_cosine_schedule` over the whole run.
 
 Inside an initialised process group (``tekfac bench --nproc N`` or ``torchrun``) the model is
 wrapped in ``DistributedDataParallel``, each rank trains on its share of every global
@@ -15,9 +22,13 @@ the mean over ranks, and rank 0 alone evaluates and records.
 
 from __future__ import annotations
 
+import gc
+import json
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +38,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from tekfac import KroneckerOptimizer
 from tekfac.bench.data import iterate_minibatches
-from tekfac.bench.optimizers import backward, cosine_schedule, make_optimizer
+from tekfac.bench.optimizers import SECOND_ORDER, backward, make_optimizer, warmup_cosine_schedule
 from tekfac.bench.tasks import Task
 
 
@@ -44,34 +56,53 @@ class Split:
 
 def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], seed: int,
         epochs: int, batch_size: int = 128, device: str = "cpu", quiet: bool = False,
-        emit: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``task``'s model from scratch and return its per-epoch records.
+        emit: Callable[[dict], None] | None = None, *, evals_per_epoch: int = 1,
+        warmup_fraction: float = 0.0, measure_memory: bool = False) -> list[dict]:
+    """Train ``task``'s model from scratch and return its records, one per evaluation.
 
-    ``emit`` (if given) receives each record as soon as it exists (for ``runs.jsonl``).
+    The evaluation points are the untrained model (step 0) and the global steps
+    ``round(k · S / evals_per_epoch)``, ``k = 1 .. epochs · evals_per_epoch``, for ``S``
+    steps per epoch; the last one is the end of training. ``emit`` (if given) receives each
+    record as soon as it exists (for ``runs.jsonl``). ``measure_memory`` adds
+    ``peak_memory_mb`` (:func:`peak_memory_mb`, measured before training, untimed) to the
+    first record.
     """
     rank, world = _world()
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
-    torch.manual_seed(seed)
-    model = task.build().to(device)
-    net = model if world == 1 else nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(optimizer, net, hparams, task.loss, task.weight_decay)
+    if evals_per_epoch < 1:
+        raise ValueError(f"evals_per_epoch must be at least 1, got {evals_per_epoch}")
     steps_per_epoch = len(split.train_x) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {len(split.train_x)} training "
                          "examples")
-    schedule = cosine_schedule(opt, epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    evals = {round(k * steps_per_epoch / evals_per_epoch)
+             for k in range(1, epochs * evals_per_epoch + 1)} - {0}
+    memory = None
+    if measure_memory and world == 1:  # the probe's optimizer would join the group's collectives
+        probe = (split.train_x[:batch_size], split.train_y[:batch_size])
+        memory = peak_memory_mb(task, optimizer, hparams, probe, device)
+    torch.manual_seed(seed)
+    model = task.build().to(device)
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(optimizer, net, hparams, task.loss, task.weight_decay)
+    kl = KlClipLog.attach(opt)
+    schedule = warmup_cosine_schedule(opt, total, warmup_fraction)
     train_x, train_y = split.train_x.to(device), split.train_y.to(device)
     shuffle = torch.Generator().manual_seed(seed)
     augment = torch.Generator().manual_seed(seed + 1 + rank)
     quiet = quiet or rank > 0
     base = dict(task=task.name, optimizer=optimizer, seed=seed)
-    records = [dict(base, epoch=0, train_loss=None, wall_time_s=0.0, step_time_ms=None,
-                    test_metric=_evaluate(task, model, split, rank), diverged=False)]
+    first = dict(base, epoch=0, step=0, train_loss=None, wall_time_s=0.0, step_time_ms=None,
+                 test_metric=_evaluate(task, model, split, rank), diverged=False,
+                 last=False)
+    if memory is not None:
+        first["peak_memory_mb"] = memory
+    records = [first]
     _emit(records[-1], emit, rank)
-    wall = 0.0
+    wall, step, losses, times = 0.0, 0, [], []
     for epoch in range(1, epochs + 1):
-        losses, times = [], []
         bar = _progress(steps_per_epoch, f"{task.name} {optimizer} s{seed} e{epoch}", quiet)
         if world == 1:
             batches = iterate_minibatches(train_x, train_y, batch_size, shuffle)
@@ -83,31 +114,111 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            step += 1
+            if kl is not None:
+                kl.record()  # untimed
             schedule.step()
             losses.append(loss)
             if bar is not None:
                 bar.update()
                 if len(losses) % 20 == 0:
                     bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.4f}")
-            if world == 1 and not math.isfinite(loss):
+            stop = world == 1 and not math.isfinite(loss)
+            if step not in evals and not stop:
+                continue
+            wall += sum(times)
+            train_loss = _mean_over_ranks(statistics.fmean(losses), world)
+            diverged = not math.isfinite(train_loss)
+            metric = math.nan if diverged else _evaluate(task, model, split, rank)
+            record = dict(base, epoch=step / steps_per_epoch, step=step, train_loss=train_loss,
+                          wall_time_s=wall, step_time_ms=1e3 * statistics.median(times),
+                          test_metric=metric, diverged=diverged,
+                          last=diverged or step == total)
+            if kl is not None:
+                record["kl_clip_factors"] = kl.take()
+            records.append(record)
+            if bar is None and rank == 0:
+                print(f"{task.name} {optimizer} seed {seed} step {step} (epoch "
+                      f"{record['epoch']:.2f}): train loss {train_loss:.4f}, {task.metric} "
+                      f"{metric:.4f}, {wall:.1f}s", flush=True)
+            elif bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.4f}", **{task.metric: f"{metric:.4f}"})
+            _emit(record, emit, rank)
+            losses, times = [], []
+            if diverged:
                 break
-        wall += sum(times)
-        train_loss = _mean_over_ranks(statistics.fmean(losses), world)
-        diverged = not math.isfinite(train_loss)
-        metric = math.nan if diverged else _evaluate(task, model, split, rank)
-        records.append(dict(base, epoch=epoch, train_loss=train_loss, wall_time_s=wall,
-                            step_time_ms=1e3 * statistics.median(times), test_metric=metric,
-                            diverged=diverged))
         if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", **{task.metric: f"{metric:.4f}"})
             bar.close()
-        elif rank == 0:
-            print(f"{task.name} {optimizer} seed {seed} epoch {epoch}: train loss "
-                  f"{train_loss:.4f}, {task.metric} {metric:.4f}, {wall:.1f}s", flush=True)
-        _emit(records[-1], emit, rank)
-        if diverged:
+        if records[-1]["diverged"]:
             break
     return records
+
+
+class KlClipLog:
+    """The KL-clip factor ``ν`` of each step of a Kronecker optimizer, read from its
+    ``kl_factor`` after the (timed) step. 1.0 means the step was not clipped; NaN marks a step
+    that set no new ``ν`` (skipped for a non-finite gradient, or without tracked gradients)."""
+
+    def __init__(self, opt: KroneckerOptimizer):
+        self.opt, self.values, self._last = opt, [], None
+
+    @classmethod
+    def attach(cls, opt: torch.optim.Optimizer) -> KlClipLog | None:
+        """A log for a KL-clipped Kronecker optimizer, None for any other."""
+        if isinstance(opt, KroneckerOptimizer) and opt.param_groups[0]["kl_clip"] is not None:
+            return cls(opt)
+        return None
+
+    def record(self) -> None:
+        """Append the ν of the step just taken."""
+        nu = self.opt.kl_factor
+        self.values.append(math.nan if nu is None or nu is self._last else float(nu))
+        self._last = nu
+
+    def take(self) -> list[float]:
+        """The values since the last call."""
+        values, self.values = self.values, []
+        return values
+
+
+def peak_memory_mb(task: Task, optimizer: str, hparams: dict[str, float],
+                   batch: tuple[Tensor, Tensor], device: str) -> float:
+    """Peak MiB of live tensors (model, one batch, optimizer state, activations) over 5
+    training steps of a fresh model on ``batch``; for the Kronecker methods with statistics
+    every 2 and eigendecompositions every 4 steps, so that every kind of step is included
+    (memory does not depend on the frequencies). On CUDA ``max_memory_allocated`` above the
+    memory in use before; on CPU the maximum "Total Allocated" of the profiler's memory
+    events (``benchmarks/step_time.py``'s method). Runs under ``torch.random.fork_rng``, so
+    the training run that follows is unchanged; it is not timed."""
+    options = dict(cov_update_freq=2, scale_update_freq=2, eigen_update_freq=4) \
+        if optimizer in SECOND_ORDER else {}
+    gc.collect()
+
+    def train() -> None:
+        model = task.build().to(device)
+        opt = make_optimizer(optimizer, model, hparams, task.loss, task.weight_decay,
+                             **options)
+        x, y = (t.to(device, copy=True) for t in batch)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            _train_step(task, model, opt, x, y, gen)
+
+    with torch.random.fork_rng(devices=[]):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            train()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            train()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"),
+               default=0) / 2**20
 
 
 def _train_step(task: Task, model, opt, xb: Tensor, yb: Tensor,

@@ -1,60 +1,54 @@
-"""Hyper-parameter tuning with the same budget for every optimizer.
+"""Hyper-parameter tuning (benchmark v2): the same quasi-random search for every optimizer.
 
-Each optimizer gets :data:`TRIALS` grid points, each trained for the same number of epochs on
-the same training subset and scored on a validation split held out of the training set (never
-the test set). First-order methods spend their trials on a finer learning-rate grid; the
-Kronecker methods on a 3×3 grid of learning rate × damping spanning docs/design.md §6's range.
-The chosen values and every trial are written to ``tekfac/bench/tuned/<task>.json``, which
-:func:`load_hparams` reads for the benchmark. This module owns that file format: a JSON object
-whose ``"chosen"`` member maps each optimizer to its values; :func:`read_tuning_file` reads and
-validates one.
+Each optimizer gets :data:`tekfac.bench.search.TRIALS` trials drawn from its search space
+(:mod:`tekfac.bench.search`), each trained at the task's fixed budget (``Task.epochs``, the
+batch size, the warm-up + cosine schedule) on the training set minus a validation split, and
+evaluated ``evals_per_epoch`` times per epoch on that split (never the test set). The trial
+with the fewest steps to the task's validation target wins
+(:func:`tekfac.bench.search.select`). Every trial (its values, steps to target, final
+validation metric, training wall time, diverged flag) is written to the result file as soon
+as it ends; ``resume`` keeps the finished trials of the same budget and runs the others.
+
+This module owns the result file format: a JSON object whose ``"chosen"`` member maps each
+optimizer to its values (read by :func:`load_hparams` and :func:`read_tuning_file`), with
+``"trials"``, ``"spaces"``, ``"budget"``, ``"command"``, ``"machine"`` and ``"wall_time_s"``.
+The files of the previous protocol (a grid of 9 points, 1 epoch) have the same ``"chosen"``
+member and stay readable.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
+import os
+import platform
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tekfac.bench.data import load_dataset, split_validation
-from tekfac.bench.optimizers import DEFAULT_HPARAMS, SECOND_ORDER
+import torch
+
+from tekfac.bench.data import Dataset, load_dataset, split_validation
+from tekfac.bench.optimizers import DEFAULT_HPARAMS
 from tekfac.bench.runner import Split, run
+from tekfac.bench.search import SPACES, TRIALS, draw, select, steps_to_target
 from tekfac.bench.tasks import TASKS, Task
 
 TUNED_DIR = Path(__file__).parent / "tuned"
-TRIALS = 9
+#: Share of the training set held out for validation, and the seed of that split.
+VAL_FRACTION, VAL_SEED = 0.1, 0
 
 
-def _grids(sgd: tuple[float, ...], adam: tuple[float, ...], lrs: tuple[float, ...],
-           dampings: tuple[float, ...]) -> dict[str, list[dict[str, float]]]:
-    second = [{"lr": lr, "damping": d} for lr, d in itertools.product(lrs, dampings)]
-    return {"sgd": [{"lr": v} for v in sgd], "adam": [{"lr": v} for v in adam],
-            **{m: second for m in SECOND_ORDER}}
-
-
-#: The default grid, and per-task grids where a first tuning run put optima on the default
-#: grid's edge (recorded in docs/results/README.md). The autoencoder's loss is a mean over
-#: 784 pixels, which scales its Fisher by 1/784² (docs/design.md §1), hence its smaller dampings.
-SGD_LRS = (0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-ADAM_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
-GRIDS = _grids(sgd=SGD_LRS, adam=ADAM_LRS, lrs=(0.01, 0.03, 0.1), dampings=(0.01, 0.1, 1.0))
-TASK_GRIDS = {
-    "fmnist-cnn": _grids(sgd=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
-                         adam=(2e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2),
-                         lrs=(0.03, 0.1, 0.3), dampings=(1e-3, 1e-2, 1e-1)),
-    "fmnist-autoencoder": _grids(sgd=(0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0),
-                                 adam=(2e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2),
-                                 lrs=(0.03, 0.1, 0.3), dampings=(1e-4, 1e-3, 1e-2)),
-    "fmnist-vgg": _grids(sgd=SGD_LRS, adam=ADAM_LRS, lrs=(0.01, 0.03, 0.1),
-                         dampings=(1e-3, 1e-2, 1e-1)),
-}
-
-
-def grid(task: str) -> dict[str, list[dict[str, float]]]:
-    """The tuning grid of ``task``: :data:`TRIALS` points per optimizer."""
-    return TASK_GRIDS.get(task, GRIDS)
+def tuning_split(data: Dataset, train_size: int | None = None,
+                 val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED) -> Split:
+    """Training examples and the validation split held out of ``data``'s training set (never
+    its test set): the trials train and are scored on it; the final runs
+    (:mod:`tekfac.bench.campaign`) train on the same training part and are scored on the test
+    set. ``train_size`` keeps only the first examples of the training part."""
+    train_x, train_y, val_x, val_y = split_validation(data.train_x, data.train_y, val_fraction,
+                                                      seed)
+    if train_size is not None:
+        train_x, train_y = train_x[:train_size], train_y[:train_size]
+    return Split(train_x, train_y, val_x, val_y)
 
 
 class TuningFileError(ValueError):
@@ -110,59 +104,109 @@ def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[st
     return DEFAULT_HPARAMS, "defaults (no tuning file)"
 
 
-def score(task: Task, records: list[dict]) -> float:
-    """Final validation metric, oriented so that larger is better; -inf if diverged."""
+def machine() -> dict:
+    """The machine a result was measured on."""
+    return dict(platform=platform.platform(), processor=platform.machine(),
+                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def trial_record(task: Task, optimizer: str, index: int, params: dict[str, float],
+                 records: list[dict]) -> dict:
+    """One trial's JSON record from its run's records (validation metric in ``test_metric``)."""
     final = records[-1]
-    if final["diverged"] or not math.isfinite(final["test_metric"]):
-        return -math.inf
-    return final["test_metric"] if task.higher_is_better else -final["test_metric"]
+    return dict(optimizer=optimizer, index=index, params=params,
+                steps_to_target=steps_to_target(records, task.validation_target,
+                                                task.higher_is_better),
+                final_val_metric=final["test_metric"], final_step=final["step"],
+                wall_time_s=final["wall_time_s"], diverged=final["diverged"])
 
 
-def tune(task: Task, optimizers: list[str], epochs: int, train_size: int | None,
-         data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-         batch_size: int = 128, device: str = "cpu", quiet: bool = True) -> dict:
-    """Run every grid point of every optimizer; return the chosen values and all trials."""
-    data = load_dataset(task.dataset, data_dir)
-    train_x, train_y, val_x, val_y = split_validation(data.train_x, data.train_y, val_fraction,
-                                                      seed)
-    if train_size is not None:
-        train_x, train_y = train_x[:train_size], train_y[:train_size]
-    split = Split(train_x, train_y, val_x, val_y)
-    trials, chosen = [], {}
+def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | None,
+         data_dir: str | None = None, val_fraction: float = VAL_FRACTION, seed: int = 0,
+         batch_size: int = 128, device: str = "cpu", quiet: bool = True, trials: int = TRIALS,
+         evals_per_epoch: int = 4, done: Iterable[dict] = (), done_budget: dict | None = None,
+         save=None) -> dict:
+    """Run every trial of every optimizer (skipping those in ``done``, finished trials of
+    budget ``done_budget``) and return the result: chosen values, every trial, spaces and
+    budget. ``save(result)`` (if given) is called after each trial with the result so far.
+
+    Raises:
+        SystemExit: ``done_budget`` differs from this budget (nothing is trained then).
+    """
+    split = tuning_split(load_dataset(task.dataset, data_dir), train_size, val_fraction)
+    budget = dict(epochs=epochs, batch_size=batch_size, warmup_fraction=task.warmup_fraction,
+                  train_size=len(split.train_x), val_size=len(split.eval_x),
+                  val_fraction=val_fraction, seed=seed, trials_per_optimizer=trials,
+                  evals_per_epoch=evals_per_epoch,
+                  val_target=task.validation_target)
+    if done_budget is not None and done_budget != budget:
+        raise SystemExit(f"tekfac: cannot resume: the earlier budget {done_budget} differs "
+                         f"from this one {budget}; rerun with its settings or use another --out")
+    records = list(done)
+    result = dict(task=task.name, metric=f"validation {task.metric}", budget=budget,
+                  spaces={o: {k: r._asdict() for k, r in SPACES[o].items()} for o in optimizers},
+                  selection="fewest steps to the validation target; ties and trials that do "
+                  "not reach it by the final validation metric; diverged trials last",
+                  sampler=f"optuna.samplers.QMCSampler(qmc_type='sobol', scramble=True, "
+                  f"seed={seed}), no pruning", chosen={}, trials=records)
+    finished = {(t["optimizer"], t["index"]) for t in records}
     for optimizer in optimizers:
-        best = None
-        for hparams in grid(task.name)[optimizer]:
-            records = run(task, split, optimizer, hparams, seed, epochs, batch_size, device,
-                          quiet=quiet)
-            s = score(task, records)
-            final = records[-1]
-            trials.append(dict(optimizer=optimizer, **hparams, val_metric=final["test_metric"],
-                               train_loss=final["train_loss"], diverged=final["diverged"]))
-            print(f"tune {task.name} {optimizer} {hparams}: validation {task.metric} "
-                  f"{final['test_metric']:.4f}", flush=True)
-            if best is None or s > best[0]:
-                best = (s, hparams)
-        chosen[optimizer] = best[1]
-    return dict(task=task.name, metric=f"validation {task.metric}",
-                budget=dict(epochs=epochs, train_size=len(train_x), batch_size=batch_size,
-                            val_size=len(val_x), seed=seed, trials_per_optimizer=TRIALS),
-                chosen=chosen, trials=trials)
+        for index, params in enumerate(draw(optimizer, trials, seed)):
+            if (optimizer, index) in finished:
+                continue
+            runs = run(task, split, optimizer, params, seed, epochs, batch_size, device,
+                       quiet=quiet, evals_per_epoch=evals_per_epoch,
+                       warmup_fraction=task.warmup_fraction)
+            trial = trial_record(task, optimizer, index, params, runs)
+            records.append(trial)
+            print(f"tune {task.name} {optimizer} {index + 1}/{trials} {params}: steps to "
+                  f"target {trial['steps_to_target']}, validation {task.metric} "
+                  f"{trial['final_val_metric']:.4f}", flush=True)
+            if save is not None:
+                save(result)
+        own = [t for t in records if t["optimizer"] == optimizer]
+        result["chosen"][optimizer] = select(own, task.higher_is_better)["params"]
+    return result
 
 
-def main_tune(task_name: str, optimizers: list[str], epochs: int, train_size: int | None,
-              batch_size: int, data_dir: str | None, out: Path | None, quiet: bool,
-              device: str, command: str) -> Path:
-    """``tekfac tune``: tune and write the result file (merging with an existing one)."""
+def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
+              train_size: int | None, batch_size: int, data_dir: str | None, out: Path | None,
+              quiet: bool, device: str, command: str, *, trials: int = TRIALS,
+              evals_per_epoch: int = 4, resume: bool = False) -> Path:
+    """``tekfac tune``: tune and write the result file after every trial.
+
+    Without ``resume`` an existing file is replaced. With ``resume`` its trials of the same
+    budget are kept (and not rerun); the other optimizers' chosen values are kept too.
+
+    Raises:
+        SystemExit: ``resume`` with a file of another budget, or of the previous protocol.
+    """
     task = TASKS[task_name]
-    result = tune(task, optimizers, epochs, train_size, data_dir, batch_size=batch_size,
-                  device=device, quiet=quiet)
     path = out or tuning_path(task_name)
-    old = json.loads(path.read_text()) if path.is_file() else None
-    if old is not None and old.get("budget") == result["budget"]:  # keep the others' trials
-        kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]
-        result["chosen"] = {**old["chosen"], **result["chosen"]}
-        result["trials"] = kept + result["trials"]
-    result["command"] = command
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    epochs = epochs or task.epochs
+    old = json.loads(path.read_text()) if resume and path.is_file() else None
+    done: list[dict] = []
+    if old is not None:
+        if "spaces" not in old:
+            raise SystemExit(f"tekfac: cannot resume {path}: it is a tuning file of the "
+                             "previous protocol (grid search); use another --out")
+        done = [t for t in old["trials"] if t["optimizer"] in optimizers]
+    start = time.perf_counter()
+
+    def save(result: dict) -> None:
+        full = dict(result, command=command, machine=machine(),
+                    wall_time_s=time.perf_counter() - start + (old or {}).get("wall_time_s", 0))
+        if old is not None:
+            kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]
+            full["trials"] = kept + result["trials"]
+            full["chosen"] = {**old["chosen"], **result["chosen"]}
+            full["spaces"] = {**old["spaces"], **result["spaces"]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(full, indent=2) + "\n")
+
+    result = tune(task, optimizers, epochs=epochs, train_size=train_size, data_dir=data_dir,
+                  batch_size=batch_size, device=device, quiet=quiet, trials=trials,
+                  evals_per_epoch=evals_per_epoch, done=done,
+                  done_budget=None if old is None else old["budget"], save=save)
+    save(result)
     return path

@@ -1,0 +1,117 @@
+"""The hyper-parameter search of benchmark v2: spaces, quasi-random trials, selection rule.
+
+Every optimizer gets the same number of trials (:data:`TRIALS`, 16: a power of two, so that a
+Sobol sequence stays balanced: each 1-D projection of the 16 points has one point in each
+sixteenth of its range). The trials are drawn by Optuna's ``QMCSampler`` (scrambled Sobol,
+fixed seed) in the optimizer's space (:data:`SPACES`, every range log-uniform). No pruning:
+every trial runs the task's whole budget.
+
+A trial is scored on the validation split (held out of the training set) by
+:func:`selection_key`: fewest steps to the task's validation target first (AlgoPerf); then,
+for equal steps and for trials that never reach the target, the better final validation
+metric; diverged trials (or a non-finite metric) come last.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+from tekfac.bench.optimizers import OPTIMIZERS, SECOND_ORDER
+
+#: Trials per optimizer, the same for every optimizer.
+TRIALS = 16
+
+
+class Range(NamedTuple):
+    """A search range ``[low, high]``, sampled log-uniformly if ``log``."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+_LR_SGD = Range(1e-3, 1.0)
+_LR_ADAM = Range(1e-4, 3e-2)
+_DECOUPLED_WD = Range(1e-4, 0.3)
+
+#: Each optimizer's search space, name -> range. Learning rates: SGD-like (SGD, the Kronecker
+#: methods) 1e-3..1, Adam-like (Adam, AdamW, Muon with AdamW-matched step sizes, SOAP, Shampoo
+#: with RMSProp grafting) 1e-4..3e-2. The decoupled optimizers (AdamW, Muon, SOAP) also search
+#: their weight decay (its scale differs from the tasks' coupled L2); the others use the
+#: task's. The Kronecker methods search the damping and the KL-clip bound κ. The statistics
+#: and eigendecomposition intervals are fixed (docs/design.md §6), not searched.
+SPACES: dict[str, dict[str, Range]] = {
+    "sgd": {"lr": _LR_SGD},
+    "adam": {"lr": _LR_ADAM},
+    "adamw": {"lr": _LR_ADAM, "weight_decay": _DECOUPLED_WD},
+    "muon": {"lr": _LR_ADAM, "weight_decay": _DECOUPLED_WD},
+    "soap": {"lr": _LR_ADAM, "weight_decay": _DECOUPLED_WD},
+    "shampoo": {"lr": _LR_ADAM},
+    **{m: {"lr": _LR_SGD, "damping": Range(1e-4, 1.0), "kl_clip": Range(1e-4, 1e-1)}
+       for m in SECOND_ORDER},
+}
+assert set(SPACES) == set(OPTIMIZERS)
+
+
+def draw(optimizer: str, trials: int = TRIALS, seed: int = 0) -> list[dict[str, float]]:
+    """The ``trials`` hyper-parameter sets of ``optimizer``: the first points of a scrambled
+    Sobol sequence (``optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)``)
+    mapped into :data:`SPACES` ``[optimizer]``. Deterministic for a seed; independent of any
+    result (the sampler ignores objective values).
+
+    Optuna's sampler draws the first trial of a study with its independent (random) sampler,
+    before it knows the space; that trial is asked for and discarded, so that the returned
+    sets are Sobol points 0 .. trials-1.
+
+    Raises:
+        ImportError: Optuna is not installed (the ``bench`` extra).
+    """
+    try:
+        import optuna
+    except ImportError as e:
+        raise ImportError("the search needs optuna: install the benchmark extra (pip install "
+                          "-e '.[bench]')") from e
+    space = {name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+             for name, r in SPACES[optimizer].items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+        study = optuna.create_study(sampler=sampler)
+        study.ask(space)  # the space-defining first trial, drawn at random: discarded
+        return [study.ask(space).params for _ in range(trials)]
+
+
+def steps_to_target(records: list[dict], target: float, higher_is_better: bool) -> int | None:
+    """The step of the first record (a run's evaluations, :mod:`tekfac.bench.runner`) whose
+    metric meets ``target`` (``>=`` if higher is better, else ``<=``), None if none does."""
+    for r in sorted(records, key=lambda r: r["step"]):
+        m = r["test_metric"]
+        if m is not None and math.isfinite(m) and (m >= target if higher_is_better
+                                                   else m <= target):
+            return r["step"]
+    return None
+
+
+def selection_key(trial: dict, higher_is_better: bool) -> tuple[int, float, float]:
+    """Sort key of a trial record (smaller is better):
+    ``(class, steps to target, -oriented final validation metric)``, with class 0 for a trial
+    that reached the target, 1 for one that did not, 2 for a diverged one or one without a
+    finite final metric; steps are ``inf`` when the target was not reached."""
+    metric = trial["final_val_metric"]
+    if trial["diverged"] or metric is None or not math.isfinite(metric):
+        return (2, math.inf, math.inf)
+    oriented = metric if higher_is_better else -metric
+    steps = trial["steps_to_target"]
+    if steps is None:
+        return (1, math.inf, -oriented)
+    return (0, float(steps), -oriented)
+
+
+def select(trials: list[dict], higher_is_better: bool) -> dict:
+    """The best of ``trials`` by :func:`selection_key`; the first listed on a full tie."""
+    if not trials:
+        raise ValueError("no trials to select from")
+    return min(trials, key=lambda t: selection_key(t, higher_is_better))
