@@ -35,9 +35,7 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
-import os
 import statistics
-import tempfile
 import time
 
 import torch
@@ -45,6 +43,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tekfac.bench.data import INPUT_SHAPES, DataError, load_dataset
+from tekfac.bench.memory import peak_allocated_mb
 from tekfac.bench.optimizers import OPTIMIZERS, SECOND_ORDER, backward, make_optimizer
 from tekfac.bench.tasks import TASKS
 from tekfac.layers import is_supported, make_layer
@@ -231,21 +230,7 @@ def peak_memory_mb(task_name: str, optimizer: str, device: str,
             backward(opt, loss, out)
             opt.step()
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        train()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        train()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"),
-               default=0) / 2**20
+    return peak_allocated_mb(train, device)
 
 
 def measure_isolated(task: str, optimizer: str, steps: int, device: str, memory: bool) -> dict:

@@ -23,12 +23,9 @@ the mean over ranks, and rank 0 alone evaluates and records.
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ from torch.utils.data import DistributedSampler
 
 from tekfac import KroneckerOptimizer
 from tekfac.bench.data import iterate_minibatches
+from tekfac.bench.memory import peak_allocated_mb
 from tekfac.bench.optimizers import SECOND_ORDER, backward, make_optimizer, warmup_cosine_schedule
 from tekfac.bench.tasks import Task
 
@@ -204,21 +202,7 @@ def peak_memory_mb(task: Task, optimizer: str, hparams: dict[str, float],
             _train_step(task, model, opt, x, y, gen)
 
     with torch.random.fork_rng(devices=[]):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            train()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True) as prof:
-            train()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"),
-               default=0) / 2**20
+        return peak_allocated_mb(train, device)
 
 
 def _train_step(task: Task, model, opt, xb: Tensor, yb: Tensor,
