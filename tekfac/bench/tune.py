@@ -94,14 +94,21 @@ def read_tuning_file(path: Path, optimizers: Iterable[str] = ()) -> dict[str, di
 def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
     """The tuned hyper-parameters of ``task`` from ``folder/<task>.json`` and their source
     (the file; its name only for the shipped folder), or the defaults if there is no file.
+    An optimizer the file has no values for (one added after it was tuned) takes its
+    defaults, and the source names it.
 
     Raises:
         TuningFileError: The file exists but is not a tuning file (see :func:`read_tuning_file`).
     """
     path = tuning_path(task, folder)
-    if path.is_file():
-        return read_tuning_file(path), str(path.name if folder == TUNED_DIR else path)
-    return DEFAULT_HPARAMS, "defaults (no tuning file)"
+    if not path.is_file():
+        return DEFAULT_HPARAMS, "defaults (no tuning file)"
+    chosen = read_tuning_file(path)
+    untuned = sorted(set(DEFAULT_HPARAMS) - set(chosen))
+    source = str(path.name if folder == TUNED_DIR else path)
+    if untuned:
+        source += f" (defaults for {', '.join(untuned)}: not in the file)"
+    return {**DEFAULT_HPARAMS, **chosen}, source
 
 
 def machine() -> dict:
