@@ -94,8 +94,9 @@ def read_tuning_file(path: Path, optimizers: Iterable[str] = ()) -> dict[str, di
 def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
     """The tuned hyper-parameters of ``task`` from ``folder/<task>.json`` and their source
     (the file; its name only for the shipped folder), or the defaults if there is no file.
-    An optimizer the file has no values for (one added after it was tuned) takes its
-    defaults, and the source names it.
+    In the shipped folder an optimizer the file has no values for (one added after it was
+    tuned) takes its defaults, and the source names it; a ``--tuned`` folder's file is taken
+    as it is (the command checks that it covers the optimizers asked for).
 
     Raises:
         TuningFileError: The file exists but is not a tuning file (see :func:`read_tuning_file`).
@@ -104,8 +105,10 @@ def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[st
     if not path.is_file():
         return DEFAULT_HPARAMS, "defaults (no tuning file)"
     chosen = read_tuning_file(path)
+    if folder != TUNED_DIR:
+        return chosen, str(path)
     untuned = sorted(set(DEFAULT_HPARAMS) - set(chosen))
-    source = str(path.name if folder == TUNED_DIR else path)
+    source = path.name
     if untuned:
         source += f" (defaults for {', '.join(untuned)}: not in the file)"
     return {**DEFAULT_HPARAMS, **chosen}, source
