@@ -8,6 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from tekfac.bench.search import first_reaching, steps_to_target
 from tekfac.bench.tasks import TASKS
 
 SUMMARY_KEYS = (
@@ -33,23 +34,10 @@ def finished_records(records: list[dict]) -> list[dict]:
     return [r for r in records if (r["task"], r["optimizer"], r["seed"]) in done]
 
 
-def steps_to_target(records: list[dict], target: float, higher_is_better: bool) -> int | None:
-    """The step of the first evaluation whose metric meets ``target`` (records without a
-    ``step``, from the previous protocol, count epochs); None if none does."""
-    from tekfac.bench.search import steps_to_target as first_step
-
-    return first_step([dict(r, step=r.get("step", r["epoch"])) for r in records], target,
-                      higher_is_better)
-
-
 def time_to_target(records: list[dict], target: float, higher_is_better: bool) -> float | None:
-    """Training seconds at the end of the first epoch whose test metric meets ``target``."""
-    for r in sorted(records, key=lambda r: r["epoch"]):
-        m = r["test_metric"]
-        if m is not None and math.isfinite(m) and (m >= target if higher_is_better
-                                                   else m <= target):
-            return r["wall_time_s"]
-    return None
+    """Training seconds at the first evaluation whose test metric meets ``target``."""
+    r = first_reaching(records, target, higher_is_better)
+    return None if r is None else r["wall_time_s"]
 
 
 def summarize(records: list[dict]) -> list[dict]:

@@ -84,15 +84,27 @@ def draw(optimizer: str, trials: int = TRIALS, seed: int = 0) -> list[dict[str, 
         return [study.ask(space).params for _ in range(trials)]
 
 
-def steps_to_target(records: list[dict], target: float, higher_is_better: bool) -> int | None:
-    """The step of the first record (a run's evaluations, :mod:`tekfac.bench.runner`) whose
-    metric meets ``target`` (``>=`` if higher is better, else ``<=``), None if none does."""
-    for r in sorted(records, key=lambda r: r["step"]):
+def first_reaching(records: list[dict], target: float, higher_is_better: bool) -> dict | None:
+    """The first record, in step order, of a run's evaluations (:mod:`tekfac.bench.runner`)
+    whose metric meets ``target`` (``>=`` if higher is better, else ``<=``), None if none
+    does. Records of the previous protocol have no ``step``; their epochs order them."""
+    for r in sorted(records, key=_position):
         m = r["test_metric"]
         if m is not None and math.isfinite(m) and (m >= target if higher_is_better
                                                    else m <= target):
-            return r["step"]
+            return r
     return None
+
+
+def steps_to_target(records: list[dict], target: float, higher_is_better: bool) -> int | None:
+    """The step of :func:`first_reaching` (its epoch for a record without a step)."""
+    r = first_reaching(records, target, higher_is_better)
+    return None if r is None else _position(r)
+
+
+def _position(record: dict) -> float:
+    """A record's step, or its epoch for a record of the previous protocol (no step)."""
+    return record["step"] if "step" in record else record["epoch"]
 
 
 def selection_key(trial: dict, higher_is_better: bool) -> tuple[int, float, float]:
