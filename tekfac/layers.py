@@ -417,8 +417,7 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
             "(grouped convolutions; embeddings with sparse, max_norm or scale_grad_by_freq); "
             "pass exclude=[...] with these layers (or their names) to give them the "
             "first-order step instead")
-    layers, tied = _untie_embeddings(layers)
-    _check_shared(layers)
+    layers, tied = _resolve_shared(layers)
     for layer in layers:
         for side in layer.restrict_to_diagonal(max_factor_dim):
             width = layer.d_in if side == "input" else layer.d_out
@@ -442,27 +441,6 @@ def _unfit(module: nn.Module) -> str | None:
         if options:
             return ", ".join(options)
     return None
-
-
-def _untie_embeddings(layers: list[KroneckerLayer]
-                      ) -> tuple[list[KroneckerLayer], list[Untracked]]:
-    """Leave an embedding whose weight another tracked layer also holds (weight tying) to
-    that layer's block: the two uses play transposed roles, so no single Kronecker block
-    covers both (docs/design.md §7)."""
-    holders: dict[int, list[KroneckerLayer]] = {}
-    for layer in layers:
-        for param in layer.params:
-            holders.setdefault(id(param), []).append(layer)
-    kept, tied = [], []
-    for layer in layers:
-        others = [o for o in holders[id(layer.module.weight)] if o is not layer]
-        if isinstance(layer, EmbeddingLayer) and others:
-            tied.append(Untracked(layer.name, layer.module, (
-                f"its weight is tied to {others[0].name!r}, whose block preconditions it "
-                "(built from that layer's use alone)")))
-        else:
-            kept.append(layer)
-    return kept, tied
 
 
 def describe_layers(model: nn.Module, layers: list[KroneckerLayer], untracked: list[Untracked],
@@ -495,21 +473,35 @@ def describe_layers(model: nn.Module, layers: list[KroneckerLayer], untracked: l
                      for row in table)
 
 
-def _check_shared(layers: list[KroneckerLayer]) -> None:
-    """Refuse a parameter held by two tracked layers: each would precondition the shared
-    gradient with its own block, and only one direction can be applied (docs/design.md §7).
-    (A parameter shared with an untracked module, such as an embedding tied to an output
-    layer, is preconditioned by the tracked layer's block alone.)"""
-    holders: dict[int, str] = {}
+def _resolve_shared(layers: list[KroneckerLayer]
+                    ) -> tuple[list[KroneckerLayer], list[Untracked]]:
+    """The layers that keep their blocks, and the embeddings left untracked, for parameters
+    held by several layers (docs/design.md §7). An embedding whose weight another layer also
+    holds (weight tying) is left to that layer's block: the two uses play transposed roles,
+    so no single Kronecker block covers both. Any other parameter held by two tracked layers
+    is refused: each would precondition the shared gradient with its own block, and only one
+    direction can be applied. (A parameter shared with an untracked module is preconditioned
+    by the tracked layer's block alone.)"""
+    holders: dict[int, list[KroneckerLayer]] = {}
     for layer in layers:
         for param in layer.params:
-            if id(param) in holders:
+            holders.setdefault(id(param), []).append(layer)
+    tied = {la: next(o for o in holders[id(la.module.weight)] if o is not la)
+            for la in layers
+            if isinstance(la, EmbeddingLayer) and len(holders[id(la.module.weight)]) > 1}
+    kept = [la for la in layers if la not in tied]
+    for layer in kept:
+        for param in layer.params:
+            first = next(o for o in holders[id(param)] if o not in tied)
+            if first is not layer:
                 raise ValueError(
-                    f"Layers {holders[id(param)]!r} and {layer.name!r} share a parameter of "
-                    f"shape {tuple(param.shape)}; a Kronecker block belongs to one layer: pass "
+                    f"Layers {first.name!r} and {layer.name!r} share a parameter of shape "
+                    f"{tuple(param.shape)}; a Kronecker block belongs to one layer: pass "
                     f"exclude=[{layer.name!r}] (or both names) to leave the shared parameter "
                     "to one block (or to the first-order step)")
-            holders[id(param)] = layer.name
+    return kept, [Untracked(la.name, la.module, (
+        f"its weight is tied to {other.name!r}, whose block preconditions it (built from "
+        "that layer's use alone)")) for la, other in tied.items()]
 
 
 def _excluded_modules(model: nn.Module, named: dict[str, nn.Module],
