@@ -156,8 +156,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid param group {param_group!r}: expected a dict with a "
                             "'params' entry")
         where = f" in param group {len(self.param_groups)}"
-        unknown = sorted(set(param_group) - {"params", "initial_lr", *GROUP_OPTIONS})
-        if "kl_clip" in unknown:
+        unknown = sorted(set(param_group) - {"params", "initial_lr", "kl_clip", *GROUP_OPTIONS})
+        # a group dict given to an optimizer before holds the model's κ: accepted as it is
+        if param_group.get("kl_clip", self.defaults["kl_clip"]) != self.defaults["kl_clip"]:
             raise ValueError(f"Invalid option 'kl_clip'{where}: one KL clip factor scales the "
                              "whole model's step; pass kl_clip to the constructor")
         if unknown:
