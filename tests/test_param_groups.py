@@ -310,3 +310,17 @@ def test_nll_samples_non_finite_positions_without_raising():
     outputs[2, 0] = float("nan")
     labels = tekfac.fisher.sample_targets("nll", outputs, torch.Generator().manual_seed(0))
     assert labels.shape == (4,) and ((labels >= 0) & (labels < 3)).all()
+
+
+def test_group_dicts_given_to_an_earlier_optimizer_are_accepted():
+    """torch.optim fills every option into the group dicts, κ included: the same dicts (the
+    model's κ) build a second optimizer; another κ in them is still refused."""
+    net = small_net()
+    decay, no_decay = nanogpt_groups(net)
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay}]
+    first = tekfac.KFAC(net, params=groups, fisher="empirical")
+    first.preconditioner.remove_hooks()
+    assert groups[0]["kl_clip"] == 1e-3
+    tekfac.KFAC(net, params=groups, fisher="empirical").preconditioner.remove_hooks()
+    with pytest.raises(ValueError, match="'kl_clip' in param group 0"):
+        tekfac.KFAC(net, params=groups, fisher="empirical", kl_clip=1e-2)
