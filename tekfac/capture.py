@@ -32,6 +32,8 @@ class Capture:
         recording: whether the current step collects statistics.
         calls: layer → its calls of this step, in order.
         last_layer: the layer of the latest recorded call (the one nearest the outputs).
+        examples: the example count of the latest call of a tracked layer, recorded or not
+            (``None`` before the first).
     """
 
     def __init__(self, model: nn.Module, layers: list[KroneckerLayer], keep_edges: bool):
@@ -39,6 +41,7 @@ class Capture:
         self.keep_edges = keep_edges
         self.calls: dict[KroneckerLayer, list[Call]] = {}
         self.last_layer: KroneckerLayer | None = None
+        self.examples: int | None = None
         self._forward = 0
         self._handles = [model.register_forward_pre_hook(self._count_forward)]
         self._handles += [layer.module.register_forward_hook(self._hook(layer))
@@ -49,6 +52,7 @@ class Capture:
 
     def _hook(self, layer: KroneckerLayer):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self.examples = layer.batched(args[0]).shape[0]
             if not (self.recording and module.training and torch.is_grad_enabled()
                     and output.requires_grad):
                 return

@@ -58,6 +58,16 @@ class Curvature:
         q = torch.kron(*self.eigenbasis())
         return (q * diagonal.reshape(-1)) @ q.T
 
+    def quadratic_form(self, matrix: Tensor) -> Tensor:
+        """``vᵀ F̂ v`` for ``v`` the row-major flattening of a ``(d_out, d_in)`` matrix ``M``
+        (undamped), as 0-dim tensor in the scaling's dtype:
+
+        .. math:: ⟨S, (U_{out}^T M U_{in})^{∘2}⟩.
+        """
+        s = self._state
+        rotated = to_basis(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
+        return (rotated.square() * s.scaling).sum()
+
     def precondition(self, matrix: Tensor) -> Tensor:
         """Apply the damped inverse to a ``(d_out, d_in)`` matrix ``M``:
 

@@ -87,6 +87,13 @@ class Communicator:
         return PendingMean(self, [([t.shape for t in tensors], 0.0) for tensors, _ in items],
                            works, [t.numel() for t in flat])
 
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The element-wise sum of ``tensor`` over the ranks (itself without a group)."""
+        if self.active:
+            tensor = tensor.clone()
+            self._call(dist.all_reduce, tensor, group=self.group)
+        return tensor
+
     def max(self, tensor: Tensor) -> Tensor:
         """The element-wise maximum of ``tensor`` over the ranks (itself without a group)."""
         if self.active:

@@ -148,6 +148,22 @@ class FisherKind:
         of the unscaled loss, for a step of ``num_examples`` examples."""
         raise NotImplementedError
 
+    def curvature_multiplier(self, outputs_shape: torch.Size, num_examples: int) -> float:
+        """``c`` such that ``c·F̂`` is the curvature of the loss as the user reduced it, for a
+        batch of ``num_examples`` examples whose loss was computed from outputs of
+        ``outputs_shape`` (docs/design.md §1, §3).
+
+        The per-example loss ``l_i`` of the design is a mean of ``K`` terms (positions,
+        pixels: ``K`` = the loss's terms per example, the outputs' entries without their class
+        axis for the categorical losses), so ``F̂ ≈ E_i[J_iᵀ H J_i] / K²``, while the Hessian
+        of ``l_i`` is ``Σ J_iᵀ H J_i / K``: ``c = K`` for a batch mean, whose curvature is the
+        mean over examples; ``c = N`` for a batch sum (``l_i`` then sums its terms)."""
+        if self.reduction == "sum":
+            return float(num_examples)
+        classes = (outputs_shape[1 if len(outputs_shape) > 1 else 0]
+                   if LIKELIHOODS[self.loss].class_axis else 1)
+        return outputs_shape.numel() / classes / num_examples
+
     def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
         """Record the output gradients of ``calls`` before the user's backward, if this kind
         needs to; ``width`` is the output width of the last tracked layer called."""

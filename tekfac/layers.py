@@ -97,14 +97,14 @@ class KroneckerLayer:
             return None
         decay = ([weight_decay] * len(params) if isinstance(weight_decay, (int, float))
                  else weight_decay)
-        return self._matrix([p.grad + wd * p.detach() if wd else p.grad
+        return self.matrix([p.grad + wd * p.detach() if wd else p.grad
                              for p, wd in zip(params, decay)])
 
     def parameter_matrix(self) -> Tensor:
         """``[W.flatten(1) | b]`` of shape ``(d_out, d_in)``."""
-        return self._matrix([p.detach() for p in self.params])
+        return self.matrix([p.detach() for p in self.params])
 
-    def _matrix(self, tensors: list[Tensor]) -> Tensor:
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
         """Tensors shaped like :attr:`params` as one ``(d_out, d_in)`` matrix."""
         return torch.cat([t.reshape(self.d_out, -1) for t in tensors], dim=1)
 
@@ -286,7 +286,7 @@ class EmbeddingLayer(KroneckerLayer):
         self.d_in, self.d_out = module.weight.shape
         self.diagonal_in = True
 
-    def _matrix(self, tensors: list[Tensor]) -> Tensor:
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
         return tensors[0].T
 
     def split(self, matrix: Tensor) -> list[Tensor]:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -14,11 +16,13 @@ from torch import Tensor, nn
 
 from tekfac.config import check_instance, check_number
 from tekfac.curvature import Curvature
+from tekfac.damping_adaptation import DampingAdaptation, reduction_ratio
 from tekfac.layers import KroneckerLayer
 from tekfac.preconditioner import Preconditioner
 from tekfac.profiling import stage
 
 _CURVATURE_KEY = "curvature"
+_DAMPING_KEY = "damping"
 
 #: The options a param group may set (the constructor's values fill in the others). KL
 #: clipping and the curvature options belong to the whole model.
@@ -71,6 +75,18 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the
             recorded output gradients are unscaled (use ``scaler.step(optimizer)`` as usual).
+        damping_adaptive: adapt the damping by Levenberg–Marquardt (docs/design.md §3,
+            :mod:`tekfac.damping_adaptation`): ``True`` with the default schedule (every 5
+            steps, factor ``(19/20)^5``), or a :class:`~tekfac.damping_adaptation.
+            DampingAdaptation`. ``damping`` is then the starting value and ``damping_floor``
+            its lower bound. Every ``step`` must get a closure that computes the loss and
+            calls ``optimizer.backward(loss, outputs)`` (not ``loss.backward()``); on
+            adaptation steps it is called a second time after the step, under
+            ``torch.no_grad``, to measure the loss change (one extra forward pass; buffers
+            such as BatchNorm's running statistics and the RNG state are as if it had not
+            run, so dropout draws the same masks), after which ``.grad`` is what that closure
+            left. The current value is :attr:`damping`, the last ratio
+            :attr:`reduction_ratio`.
         distributed_mode: in a process group, ``"replicated"`` (every rank keeps every
             eigenbasis; the decompositions are split over ranks and broadcast) or ``"owner"``
             (KFAC/TKFAC only: each layer's basis lives on one rank, which preconditions that
@@ -87,7 +103,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
+                 damping_adaptive: bool | DampingAdaptation = False,
                  distributed_mode: str = "replicated", **curvature_options: object):
+        #: the damping's Levenberg–Marquardt schedule, ``None`` when it is fixed
+        self.damping_adaptation = _adaptation(damping_adaptive, grad_scaler)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         _check_options(defaults)
@@ -111,6 +130,15 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         #: ν of the last step taken, a 0-dim tensor on the parameters' device (reading it
         #: synchronises); ``None`` before the first step or without clipping.
         self.kl_factor: Tensor | None = None
+        #: ρ of the last damping adaptation (``None`` before the first, or when the model
+        #: predicted no decrease).
+        self.reduction_ratio: float | None = None
+
+    @property
+    def damping(self) -> float:
+        """The current damping (λ, or γ for ``trace_relative``): the constructor's value, or
+        where adaptive damping has taken it."""
+        return self.preconditioner.config.damping
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -217,12 +245,18 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         momentum buffer, statistic or step count changes, and in a process group every rank
         skips it. Non-finite statistics of one layer skip that layer's update. Each fault is
         warned about once, with its step, and counted (:attr:`faults`)."""
+        pre = self.preconditioner
+        adapting = self.damping_adaptation is not None and self.damping_adaptation.due(pre.steps)
+        if self.damping_adaptation is not None and closure is None:
+            raise RuntimeError("damping_adaptive=True needs step(closure): a closure that "
+                               "computes the batch loss, calls optimizer.backward(loss, "
+                               "outputs) and returns the loss (see the class docstring)")
+        rng = _RngState(self._devices()) if adapting else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         kl_clip = self._kl_clip()
-        pre = self.preconditioner
         groups = {p: group for group in self.param_groups for p in group["params"]}
         cause = pre.bad_step([p.grad for p in groups if p.grad is not None])
         if cause is not None:
@@ -234,6 +268,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         with stage("update"):
             peaks = {p: groups[p].get("initial_lr", groups[p]["lr"]) for p in decay}
             directions, self.kl_factor = _clipped(pairs, peaks, kl_clip)
+            before = {p: p.detach().clone() for p in groups if p.grad is not None} \
+                if adapting else {}
             for p, group in groups.items():
                 if p.grad is None:
                     continue
@@ -242,7 +278,70 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     coupled = _coupled_decay(group)
                     d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
                 self._sgd_update(p, d_p, group)
+        if adapting:
+            with stage("damping"):
+                self._adapt_damping(closure, loss, before, rng)
         return loss
+
+    # ---------------------------------------------------------------- adaptive damping
+    def _adapt_damping(self, closure: Callable[[], float], loss: float,
+                       before: dict[Tensor, Tensor], rng: _RngState) -> None:
+        """Compare the loss change of the step just taken (``θ - before``) with the quadratic
+        model's prediction and adapt the damping (docs/design.md §3)."""
+        pre = self.preconditioner
+        delta = {p: p.detach() - old for p, old in before.items()}
+        linear = sum((torch.vdot(p.grad.reshape(-1), d.reshape(-1)) for p, d in delta.items()),
+                     torch.zeros(()))
+        quadratic = torch.zeros((), dtype=torch.float64)
+        for layer in pre.layers:
+            state = pre.states[layer]
+            if (pre.work.mine(layer) and state.has_basis and state.scaling is not None
+                    and all(p in delta for p in layer.params)):
+                step = layer.matrix([delta[p] for p in layer.params])
+                quadratic += pre.curvature(layer.module).quadratic_form(step).cpu().double()
+        multiplier = pre.curvature_multiplier()
+        new_loss = self._loss_after_step(closure, rng)
+        owner = pre.work.owners is not None  # each rank holds its layers' share of the form
+        world = pre.comm.size
+        totals = pre.comm.sum(torch.stack([
+            torch.tensor((new_loss - _value(loss)) / world, dtype=torch.float64),
+            linear.cpu().double() / world,
+            quadratic if owner else quadratic / world])).tolist()
+        actual, predicted = totals[0], totals[1] + 0.5 * multiplier * totals[2]
+        self.reduction_ratio = reduction_ratio(actual, predicted)
+        damping = self.damping_adaptation.adapted(pre.config.damping, self.reduction_ratio,
+                                           pre.config.damping_floor)
+        if damping != pre.config.damping and math.isfinite(damping):
+            pre.config = dataclasses.replace(pre.config, damping=damping)
+
+    def _loss_after_step(self, closure: Callable[[], float], rng: _RngState) -> float:
+        """The closure's loss at the new parameters, under ``torch.no_grad``, with the RNG
+        state of the step's first call and the model's buffers restored afterwards."""
+        pre = self.preconditioner
+        buffers = [(b, b.detach().clone()) for b in pre.model.buffers()]
+        pre.probing = True
+        try:
+            with torch.random.fork_rng(devices=rng.devices), torch.no_grad():
+                rng.restore()
+                try:
+                    value = closure()
+                except RuntimeError as e:
+                    if "does not require grad" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "damping_adaptive=True evaluates the closure a second time after the "
+                        "step, under torch.no_grad, to measure the loss change: call "
+                        "optimizer.backward(loss, outputs) in it, not loss.backward()") from e
+        finally:
+            pre.probing = False
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        return _value(value)
+
+    def _devices(self) -> list[int]:
+        """The CUDA devices of the parameters (whose RNG states a probe must restore)."""
+        return sorted({p.device.index or 0 for g in self.param_groups for p in g["params"]
+                       if p.device.type == "cuda"})
 
     def _kl_clip(self) -> float | None:
         """κ, which every group holds (the constructor's or a checkpoint's value)."""
@@ -271,9 +370,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """The ``torch.optim`` state (momentum buffers, every group's options) plus the
-        curvature state under the key ``"curvature"``."""
+        curvature state under the key ``"curvature"`` and, with adaptive damping, the current
+        damping under ``"damping"``."""
         state = super().state_dict()
         state[_CURVATURE_KEY] = self.preconditioner.state_dict()
+        if self.damping_adaptation is not None:
+            state[_DAMPING_KEY] = self.damping
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -284,6 +386,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                              "tekfac optimizer")
         state_dict = dict(state_dict)
         curvature = state_dict.pop(_CURVATURE_KEY)
+        damping = state_dict.pop(_DAMPING_KEY, None)
         previous = self.preconditioner.state_dict()
         self.preconditioner.load_state_dict(curvature)  # validates against the model first
         try:
@@ -291,6 +394,43 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         except (ValueError, KeyError, TypeError):
             self.preconditioner.load_state_dict(previous)
             raise
+        if damping is not None and self.damping_adaptation is not None:  # else the constructor's
+            pre = self.preconditioner
+            pre.config = dataclasses.replace(pre.config, damping=float(damping))
+
+
+def _value(loss: Tensor | float) -> float:
+    """A closure's loss as a Python float."""
+    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+
+
+class _RngState:
+    """The CPU and CUDA (``devices``) random states at construction, to restore later."""
+
+    def __init__(self, devices: list[int]):
+        self.devices = devices
+        self._cpu = torch.get_rng_state()
+        self._cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self._cpu)
+        for device, state in zip(self.devices, self._cuda):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _adaptation(option: object, grad_scaler: object) -> DampingAdaptation | None:
+    """The damping adaptation that ``damping_adaptive`` asks for, validated."""
+    if isinstance(option, DampingAdaptation):
+        adaptation = option
+    else:
+        check_instance("damping_adaptive", option, bool,
+                       "True, False or a tekfac.damping_adaptation.DampingAdaptation")
+        adaptation = DampingAdaptation() if option else None
+    if adaptation is not None and grad_scaler is not None:
+        raise ValueError("Invalid damping_adaptive with a grad_scaler: adaptive damping needs "
+                         "step(closure), which GradScaler.step does not support; adapt the "
+                         "damping in full precision or turn it off")
+    return adaptation
 
 
 def _check_options(options: Mapping[str, object], where: str = "") -> None:

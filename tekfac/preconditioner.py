@@ -89,6 +89,10 @@ class Preconditioner:
         #: (place, cause) → the step it first occurred at and how often (checkpointed)
         self.faults = Faults()
         self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
+        self._outputs_shape: torch.Size | None = None  # of the outputs last given to backward
+        #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
+        #: its step (adaptive damping), under ``torch.no_grad``
+        self.probing = False
         self.capture.recording = self.statistics_due
 
     # ---------------------------------------------------------------- schedule
@@ -128,7 +132,10 @@ class Preconditioner:
         the two backward passes and their cross-rank reduction is launched there, so that it
         overlaps ``loss.backward()``; :meth:`update_curvature` waits for it.
         """
+        if self.probing:
+            return
         c = self.config
+        self._outputs_shape = outputs.shape
         bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
         self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
         pending = self.capture.pending()
@@ -185,6 +192,16 @@ class Preconditioner:
         self.capture.clear()
         self.fisher.end_step()
         self._bad_outputs = None
+
+    def curvature_multiplier(self) -> float:
+        """``c`` such that ``c·F̂`` is the curvature of the user's loss, from the outputs
+        last given to :meth:`backward` and the example count of the latest call of a tracked
+        layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`)."""
+        if self._outputs_shape is None or self.capture.examples is None:
+            raise RuntimeError("The curvature of the loss needs the shape of its outputs: call "
+                               "optimizer.backward(loss, outputs) instead of loss.backward() "
+                               "(with either Fisher)")
+        return self.fisher.curvature_multiplier(self._outputs_shape, self.capture.examples)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""

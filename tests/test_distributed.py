@@ -335,3 +335,49 @@ def test_greedy_split_is_largest_first():
     comm.size = 2  # only the assignment is exercised
     # costs 27, 8, 8, 1: 27 → r0; 8 → r1; 8 → r1 (load 8 < 27); 1 → r1 (16 < 27)
     assert comm.assign([8.0, 27.0, 1.0, 8.0]) == [1, 0, 1, 1]
+
+
+def _adaptive_damping(rank, world, tmp, mode):
+    """Adaptive damping on shards equals the single process on the whole batch: the same
+    ratios, dampings and parameters (each rank's loss change averaged; in owner mode each
+    rank adds its layers' quadratic forms)."""
+    from tekfac.damping_adaptation import DampingAdaptation
+
+    options = dict(FAST, fisher="empirical", kl_clip=None, damping=1e-2,
+                   damping_adaptive=DampingAdaptation(interval=1, decay=0.5))
+    data = _data(world)
+
+    def run(model, opt, batches):
+        ratios = []
+        for x, y in batches:
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                opt.backward(loss, out)
+                return loss
+            opt.step(closure)
+            ratios.append((opt.reduction_ratio, opt.damping))
+        return ratios
+
+    torch.manual_seed(0)
+    ref_net, _ = tiny_net("cnn")
+    ref_opt = tekfac.KroneckerOptimizer(ref_net, "kfac", **options)
+    expected = run(ref_net, ref_opt, data)
+    _init(rank, world, tmp)
+    torch.manual_seed(0)
+    net, _ = tiny_net("cnn")
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = tekfac.KroneckerOptimizer(ddp, "kfac", distributed_mode=mode, **options)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    got = run(ddp, opt, [(x[shard], y[shard]) for x, y in data])
+    assert [d for _, d in got] == pytest.approx([d for _, d in expected], rel=1e-9)
+    assert [r for r, _ in got] == pytest.approx([r for r, _ in expected], rel=1e-6)
+    assert len({d for _, d in got}) > 1  # the damping moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert (p - q).norm() <= 1e-10 * q.norm()
+
+
+@pytest.mark.parametrize("mode", ["replicated", "owner"])
+def test_adaptive_damping_on_shards_equals_the_single_process(tmp_path, mode):
+    launch(_adaptive_damping, 2, tmp_path, mode)

@@ -23,12 +23,15 @@ Every optimizer follows the same schedule (:func:`warmup_cosine_schedule`).
 The Kronecker methods use the MC Fisher, momentum 0.9, ``stat_decay`` 0.95 and statistics
 every 10 / eigenbases every 100 / corrected scalings every 10 steps (docs/design.md §6); the
 tuned hyper-parameters are the learning rate, the damping and the KL-clip bound κ (``kl_clip``,
-1e-3 when not given).
+1e-3 when not given); ``damping_adaptive`` (true when given and non-zero) turns on the
+Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
+closure).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +162,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
         settings = {**KRONECKER_SETTINGS, **options}
         if "kl_clip" in hparams:
             settings["kl_clip"] = hparams["kl_clip"]
+        if hparams.get("damping_adaptive"):
+            settings["damping_adaptive"] = True
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
@@ -183,6 +188,24 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
     """``lr_t = lr · (1 + cos(π t / total)) / 2``, stepped once per minibatch (no warm-up)."""
     return warmup_cosine_schedule(optimizer, total_steps, 0.0)
+
+
+def take_step(optimizer: torch.optim.Optimizer, compute: Callable[[], tuple[Tensor, Tensor]]
+              ) -> Tensor:
+    """One training step: ``loss, outputs = compute()``, ``zero_grad``, :func:`backward`,
+    ``step``; all in a closure given to ``step`` when the optimizer adapts its damping (it
+    evaluates the closure again after the step). Returns the loss."""
+    def closure() -> Tensor:
+        loss, outputs = compute()
+        optimizer.zero_grad(set_to_none=True)
+        backward(optimizer, loss, outputs)
+        return loss
+
+    if getattr(optimizer, "damping_adaptation", None) is not None:
+        return optimizer.step(closure)
+    loss = closure()
+    optimizer.step()
+    return loss
 
 
 def backward(optimizer: torch.optim.Optimizer, loss: Tensor, outputs: Tensor) -> None:

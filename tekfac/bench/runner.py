@@ -9,7 +9,9 @@ loss since the previous evaluation; ``wall_time_s`` the cumulative training time
 backward, optimizer step; evaluation, logging and memory probe excluded); ``step_time_ms``
 the median step time since the previous evaluation; ``last`` marks the run's final record.
 The Kronecker methods' records also hold ``kl_clip_factors``, the KL-clip factor ν of every
-step since the previous record (:class:`KlClipLog`); with ``measure_memory`` the first record
+step since the previous record (:class:`KlClipLog`), and with adaptive damping ``damping``, its
+value at the record (the second evaluation of the batch is timed with the step); with
+``measure_memory`` the first record
 of a single-process run holds ``peak_memory_mb`` (:func:`peak_memory_mb`). A run whose loss
 becomes non-finite stops and is marked ``diverged``. The learning rate follows
 :func:`warmup_cosine_schedule` over the whole run.
@@ -38,7 +40,7 @@ from torch.utils.data import DistributedSampler
 from tekfac import KroneckerOptimizer
 from tekfac.bench.data import iterate_minibatches
 from tekfac.bench.memory import peak_allocated_mb
-from tekfac.bench.optimizers import SECOND_ORDER, backward, make_optimizer, warmup_cosine_schedule
+from tekfac.bench.optimizers import SECOND_ORDER, make_optimizer, take_step, warmup_cosine_schedule
 from tekfac.bench.tasks import Task
 
 
@@ -134,6 +136,8 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
                           last=diverged or step == total)
             if kl is not None:
                 record["kl_clip_factors"] = kl.take()
+            if getattr(opt, "damping_adaptation", None) is not None:
+                record["damping"] = opt.damping
             records.append(record)
             if bar is None and rank == 0:
                 print(f"{task.name} {optimizer} seed {seed} step {step} (epoch "
@@ -208,12 +212,13 @@ def peak_memory_mb(task: Task, optimizer: str, hparams: dict[str, float],
 def _train_step(task: Task, model, opt, xb: Tensor, yb: Tensor,
                 generator: torch.Generator) -> float:
     targets = task.targets(xb, yb)
-    outputs = task.forward(model, task.inputs(xb, generator))  # what the loss takes, exactly
-    loss = task.loss_fn(outputs, targets)
-    opt.zero_grad(set_to_none=True)
-    backward(opt, loss, outputs)
-    opt.step()
-    return loss.item()
+    inputs = task.inputs(xb, generator)  # drawn once: a second evaluation sees the same batch
+
+    def compute() -> tuple[Tensor, Tensor]:
+        outputs = task.forward(model, inputs)  # what the loss takes, exactly
+        return task.loss_fn(outputs, targets), outputs
+
+    return take_step(opt, compute).item()
 
 
 def _progress(total: int, desc: str, quiet: bool):

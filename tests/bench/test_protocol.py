@@ -182,6 +182,19 @@ def test_runner_evaluates_several_times_per_epoch_and_logs_nu():
     assert all("kl_clip_factors" not in r for r in sgd)
 
 
+def test_runner_steps_in_a_closure_and_logs_the_damping_when_it_adapts():
+    task = TASKS["digits-mlp"]
+    hparams = {"lr": 0.1, "damping": 1e-2, "damping_adaptive": 1.0}
+    records = run(task, _tiny_split(), "tekfac", hparams, seed=0, epochs=2, batch_size=8,
+                  quiet=True, evals_per_epoch=2, measure_memory=True)
+    dampings = [r["damping"] for r in records[1:]]
+    assert len(dampings) == 4 and len(set(dampings)) > 1  # adapted every 5 of the 16 steps
+    assert all(math.isfinite(r["train_loss"]) for r in records[1:])
+    fixed = run(task, _tiny_split(), "tekfac", {"lr": 0.5, "damping": 1e-3}, seed=0, epochs=1,
+                batch_size=8, quiet=True)
+    assert all("damping" not in r for r in fixed)
+
+
 @NEEDS_OPTUNA
 def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     task = TASKS["digits-mlp"]
