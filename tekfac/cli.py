@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     common.add_argument("--batch-size", type=int, default=128)
     common.add_argument("--train-size", type=int, default=None,
-                        help="use only the first N training examples (for text-gpt, windows "
-                        "of 64 characters)")
+                        help="override the task's training examples (Task.train_size): use "
+                        "only the first N (for text-gpt, windows of 64 characters)")
     common.add_argument("--epochs", type=int, default=None,
                         help="override the task's fixed budget (Task.epochs)")
     common.add_argument("--evals-per-epoch", type=int, default=4,

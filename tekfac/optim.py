@@ -310,7 +310,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         actual, predicted = totals[0], totals[1] + 0.5 * multiplier * totals[2]
         self.reduction_ratio = reduction_ratio(actual, predicted)
         damping = self.damping_adaptation.adapted(pre.config.damping, self.reduction_ratio,
-                                           pre.config.damping_floor)
+                                                  pre.config.damping_floor)
         if damping != pre.config.damping and math.isfinite(damping):
             pre.config = dataclasses.replace(pre.config, damping=damping)
 

@@ -72,7 +72,8 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
         seeds: Number of seeds (0, 1, ...), or None.
         epochs: Epochs per run, or None: each task's budget (``Task.epochs``).
         batch_size: Global minibatch size.
-        train_size: Train on the first ``train_size`` training examples only (None: all).
+        train_size: Train on the first ``train_size`` training examples only, or None: each
+            task's budget (``Task.train_size``; None there: all).
         data_dir: Folder of the data sets (see :func:`tekfac.bench.data.load_dataset`).
         device: Torch device of the runs.
         out: Output folder (None: ``results/<timestamp>``).
@@ -92,13 +93,14 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
     optimizers = optimizers or defaults["optimizers"]
     seeds = range(seeds or defaults["seeds"])
     budgets = {t: epochs or TASKS[t].epochs for t in tasks}
+    sizes = {t: train_size or TASKS[t].train_size for t in tasks}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("results") / stamp
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, data_dir) for t in tasks}
     hparams = {t: load_hparams(t, tuned or TUNED_DIR) for t in tasks}
     world = dist.get_world_size() if dist.is_initialized() else 1
     settings = dict(tasks=tasks, optimizers=optimizers, seeds=list(seeds), epochs=budgets,
-                    batch_size=batch_size, train_size=train_size,
+                    batch_size=batch_size, train_size=sizes,
                     evals_per_epoch=evals_per_epoch,
                     warmup_fraction={t: TASKS[t].warmup_fraction for t in tasks},
                     hparams={t: {"values": h, "source": s} for t, (h, s) in hparams.items()})
@@ -118,7 +120,7 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
         for name in tasks:
             task = TASKS[name]
             _run_task(task, datasets[task.dataset], hparams[name][0], optimizers, seeds,
-                      epochs=budgets[name], batch_size=batch_size, train_size=train_size,
+                      epochs=budgets[name], batch_size=batch_size, train_size=sizes[name],
                       device=device, quiet=quiet, emit=emit, done=done,
                       evals_per_epoch=evals_per_epoch)
 

@@ -25,7 +25,7 @@ every 10 / eigenbases every 100 / corrected scalings every 10 steps (docs/design
 tuned hyper-parameters are the learning rate, the damping and the KL-clip bound κ (``kl_clip``,
 1e-3 when not given); ``damping_adaptive`` (true when given and non-zero) turns on the
 Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
-closure).
+closure), and ``basis_refresh_freq`` the cheap basis refresh (docs/design.md §3, §4.2).
 """
 
 from __future__ import annotations
@@ -164,6 +164,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
             settings["kl_clip"] = hparams["kl_clip"]
         if hparams.get("damping_adaptive"):
             settings["damping_adaptive"] = True
+        if "basis_refresh_freq" in hparams:
+            settings["basis_refresh_freq"] = int(hparams["basis_refresh_freq"])
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

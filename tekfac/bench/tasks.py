@@ -42,14 +42,17 @@ class Task:
             the examples: a minibatch is ``batch_size`` of them drawn without replacement, an
             epoch one pass over them (every training character a target once), and
             ``--train-size`` counts them.
-        epochs: the task's fixed budget (benchmark v2), the same for tuning and final runs.
+        epochs: the task's fixed budget (benchmark v2), the same for tuning and final runs:
+            ``epochs`` passes over the first ``train_size`` examples of the training part.
+        train_size: the training examples of the budget (``None``: the whole training part,
+            the training set less the validation split); ``--train-size`` overrides it.
         warmup_fraction: share of the steps with a linear learning-rate warm-up before the
             cosine decay (:func:`tekfac.bench.optimizers.warmup_cosine_schedule`).
         val_target: the validation target that scores tuning trials (steps to reach it);
             None: the test target. The documented rule, fixed before the campaign: the same
             value as the test target (the validation split is a random tenth of the training
-            set, the same distribution as the test set), until a pilot of the strongest
-            baseline is recorded in docs/results/README.md and replaces it.
+            set, the same distribution as the test set); the test targets of the
+            Fashion-MNIST tasks come from the baselines' pilot (below).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Task:
     weight_decay: float = 5e-4
     language_model: bool = False
     epochs: int = 5
+    train_size: int | None = None
     warmup_fraction: float = 0.05
     val_target: float | None = None
 
@@ -144,10 +148,20 @@ def _cifar(name: str, dataset: str, build: Callable[[], nn.Module], target: floa
 TASKS: dict[str, Task] = {
     task.name: task
     for task in [
+        # The Fashion-MNIST budgets: 2 epochs of the first 20480 training images (320 steps
+        # at batch 128), so that the main job (`--preset quick`, 8 runs) stays within 10-15
+        # min on 2 CPU cores even on a slow day, and the campaign fits a few sessions (5
+        # epochs of all 54000 images were estimated at 40-50 min for the main job). Targets,
+        # fixed before the tuning campaign by a documented rule: the better final test metric
+        # of the two baselines' pilot runs at this budget (SGD with the shipped lr 0.1 / 2,
+        # AdamW with its library defaults; one seed, docs/results/pilot-v2), rounded to the
+        # easier side at 0.5 % accuracy / 0.5 reconstruction error: CNN 0.8783 (SGD) -> 0.875,
+        # autoencoder 22.66 (AdamW) -> 23.0. Validation targets: the same values (rule below).
         Task("fmnist-autoencoder", "fashion-mnist", models.autoencoder, "bce_with_logits",
-             "test_reconstruction_error", False, target=14.0, weight_decay=0.0),
+             "test_reconstruction_error", False, target=23.0, weight_decay=0.0, epochs=2,
+             train_size=20480),
         Task("fmnist-cnn", "fashion-mnist", models.small_cnn, "cross_entropy",
-             "test_accuracy", True, target=0.90),
+             "test_accuracy", True, target=0.875, epochs=2, train_size=20480),
         Task("fmnist-vgg", "fashion-mnist", models.narrow_vgg, "cross_entropy",
              "test_accuracy", True, target=0.90),
         _cifar("cifar10-vgg16", "cifar10", lambda: models.vgg16(10), 0.90),

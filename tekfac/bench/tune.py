@@ -194,6 +194,7 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
     task = TASKS[task_name]
     path = out or tuning_path(task_name)
     epochs = epochs or task.epochs
+    train_size = train_size or task.train_size
     old = json.loads(path.read_text()) if resume and path.is_file() else None
     done: list[dict] = []
     if old is not None:

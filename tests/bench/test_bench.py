@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -229,6 +230,30 @@ def test_cli_bench_passes_its_settings_to_each_run(tmp_path, monkeypatch):
     assert calls == [("digits-mlp", opt, seed, 1, 32, "cpu", True, 300)
                      for opt in ("sgd", "adam") for seed in (0, 1)]
     assert len((out / "runs.jsonl").read_text().splitlines()) == 4 * (1 + 4)  # 4 evaluations
+
+
+def test_the_tasks_training_size_is_its_budget_unless_overridden(tmp_path, monkeypatch):
+    sizes = []
+
+    def recording_run(task, split, optimizer, hparams, seed, epochs, *args, **kw):
+        sizes.append((epochs, len(split.train_x)))
+        return run(task, split, optimizer, hparams, seed, epochs, *args, **kw)
+
+    small = dataclasses.replace(TASKS["digits-mlp"], epochs=1, train_size=200)
+    monkeypatch.setitem(TASKS, "digits-mlp", small)
+    monkeypatch.setattr(campaign_module, "run", recording_run)
+    monkeypatch.setattr(tune_module, "run", recording_run)
+    common = ["--optimizers", "sgd", "--batch-size", "50"]
+    assert main(["bench", "--preset", "smoke", "--seeds", "1", "--out", str(tmp_path / "a"),
+                 "--quiet", *common]) == 0
+    assert main(["bench", "--preset", "smoke", "--seeds", "1", "--train-size", "100", "--out",
+                 str(tmp_path / "b"), "--quiet", *common]) == 0
+    assert main(["tune", "--task", "digits-mlp", "--trials", "1", "--out",
+                 str(tmp_path / "t.json"), *common]) == 0
+    assert sizes == [(1, 200), (1, 100), (1, 200)]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["train_size"] == {"digits-mlp": 200}
+    assert json.loads((tmp_path / "t.json").read_text())["budget"]["train_size"] == 200
 
 
 def test_python_dash_m_runs_the_same_command_line():
