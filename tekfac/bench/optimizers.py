@@ -23,8 +23,8 @@ Every optimizer follows the same schedule (:func:`warmup_cosine_schedule`).
 The Kronecker methods use the MC Fisher, momentum 0.9, ``stat_decay`` 0.95 and statistics
 every 10 / eigenbases every 100 / corrected scalings every 10 steps (docs/design.md §6); the
 tuned hyper-parameters are the learning rate, the damping and the KL-clip bound κ (``kl_clip``,
-1e-3 when not given); ``damping_adaptive`` (true when given and non-zero) turns on the
-Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
+1e-3 when not given); ``damping_adaptive`` (a search coordinate in [0, 1], on from 0.5) turns
+on the Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
 closure), and ``basis_refresh_freq`` the cheap basis refresh (docs/design.md §3, §4.2).
 """
 
@@ -162,7 +162,7 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
         settings = {**KRONECKER_SETTINGS, **options}
         if "kl_clip" in hparams:
             settings["kl_clip"] = hparams["kl_clip"]
-        if hparams.get("damping_adaptive"):
+        if hparams.get("damping_adaptive", 0.0) >= 0.5:
             settings["damping_adaptive"] = True
         if "basis_refresh_freq" in hparams:
             settings["basis_refresh_freq"] = int(hparams["basis_refresh_freq"])

@@ -102,8 +102,8 @@ def test_every_optimizer_gets_the_same_number_of_sobol_trials_inside_its_space()
             values = [t[key] for t in trials]
             assert all(r.low <= v <= r.high for v in values)
             # a balanced Sobol sample: one point in each sixteenth of the (log) range
-            u = [(math.log(v) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
-                 for v in values]
+            scale = math.log if r.log else float
+            u = [(scale(v) - scale(r.low)) / (scale(r.high) - scale(r.low)) for v in values]
             assert sorted(min(int(16 * x), 15) for x in u) == list(range(16))
         assert all(set(t) == set(space) for t in trials)
 
@@ -180,6 +180,17 @@ def test_runner_evaluates_several_times_per_epoch_and_logs_nu():
     sgd = run(task, _tiny_split(), "sgd", {"lr": 0.1}, seed=0, epochs=1, batch_size=8,
               quiet=True, evals_per_epoch=4)
     assert all("kl_clip_factors" not in r for r in sgd)
+
+
+@NEEDS_OPTUNA
+def test_the_adaptive_damping_coordinate_switches_at_one_half():
+    model = TASKS["digits-mlp"].build()
+    for value, adaptive in ((0.0, False), (0.49, False), (0.5, True), (1.0, True)):
+        opt = make_optimizer("tekfac", model, {"lr": 0.1, "damping": 0.1,
+                                               "damping_adaptive": value}, "cross_entropy", 0.0)
+        assert (opt.damping_adaptation is not None) == adaptive
+        opt.preconditioner.remove_hooks()
+    assert sum(t["damping_adaptive"] >= 0.5 for t in draw("tekfac")) == 8
 
 
 def test_runner_steps_in_a_closure_and_logs_the_damping_when_it_adapts():
