@@ -99,6 +99,17 @@ def test_quadratic_form_is_the_dense_one(method):
                               rtol=1e-10)
 
 
+def closure_for(opt, net, x, y, loss_fn=F.cross_entropy):
+    """The closure of one step on ``(x, y)``, through the optimizer's backward."""
+    def closure():
+        opt.zero_grad()
+        out = net(x)
+        loss = loss_fn(out, y)
+        opt.backward(loss, out)
+        return loss
+    return closure
+
+
 # ---------------------------------------------------------------- ρ against exact algebra
 D_IN, D_OUT = 3, 2
 
@@ -150,14 +161,7 @@ def adaptive_run(method: str, t: int, n: int, factor: float, steps: int, lr: flo
         damping_floor=1e-6,
         damping_adaptive=DampingAdaptation(interval=1, decay=decay), cov_update_freq=never,
         eigen_update_freq=never, scale_update_freq=never)
-
-    def closure():
-        opt.zero_grad()
-        out = layer(x)
-        loss = F.mse_loss(out, y)
-        opt.backward(loss, out)
-        return loss
-
+    closure = closure_for(opt, layer, x, y, F.mse_loss)
     opt.param_groups[0]["lr"] = 0.0  # step 0 builds the state, replaced below by the exact
     opt.step(closure)
     opt.param_groups[0]["lr"] = lr
@@ -255,15 +259,6 @@ def bn_dropout_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                          nn.Dropout(0.3), nn.Linear(4 * 6 * 6, 5))
 
-
-def closure_for(opt, net, x, y):
-    def closure():
-        opt.zero_grad()
-        out = net(x)
-        loss = F.cross_entropy(out, y)
-        opt.backward(loss, out)
-        return loss
-    return closure
 
 
 def test_the_second_evaluation_leaves_buffers_and_random_state_as_they_were():
