@@ -42,6 +42,14 @@ def truncate(values: Tensor, vectors: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat([top, rest[None]]), vectors[:, -k:].flip(1).contiguous()
 
 
+def with_remainder(values: Tensor, basis: Tensor, matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """The Rayleigh quotients ``values (k,)`` of a truncated ``basis (d, k)`` of ``matrix``
+    extended by the trace-preserving remainder value (the cheap refresh's result)."""
+    d, k = basis.shape
+    rest = ((matrix.diagonal().sum() - values.sum()) / (d - k)).clamp(min=0)
+    return torch.cat([values, rest[None]]), basis
+
+
 def sizes(basis: Tensor | None, d: int) -> Tensor:
     """How many unit directions each index of a side's extended grid stands for: 1 per kept
     vector, ``d - k`` for the remainder."""
@@ -116,8 +124,43 @@ def square_sums(pieces: Pieces, k_out: int, k_in: int) -> Tensor:
             sq = sq.sum(dim=-2, keepdim=True)
         if i == "r":
             sq = sq.sum(dim=-1, keepdim=True)
+        while sq.dim() > 2:  # a batch of matrices: summed
+            sq = sq.sum(dim=0)
         grid[_grid_index(o, k_out), _grid_index(i, k_in)] = sq
     return grid
+
+
+def _coordinates(x: Tensor, basis: Tensor | None) -> Tensor:
+    """The squared coordinates of the rows of ``x (N, d)`` on a side's grid: kept
+    coordinates squared, then the remainder's squared norm if the side is truncated."""
+    if basis is None:
+        return x.square()
+    kept = x @ basis
+    sq = kept.square()
+    if not truncated(basis):
+        return sq
+    rest = (x.square().sum(dim=1) - sq.sum(dim=1)).clamp(min=0)
+    return torch.cat([sq, rest[:, None]], dim=1)
+
+
+def rank_one_square_sums(g: Tensor, a: Tensor, basis_out: Tensor | None,
+                         basis_in: Tensor | None) -> Tensor:
+    """:func:`square_sums` of the rank-one matrices ``g_i a_iᵀ`` summed over ``i``
+    (``g (N, d_out)``, ``a (N, d_in)``), without forming them: the squared coordinates of a
+    rank-one piece are products of its two sides' (``O(N (d_out k_out + d_in k_in))``)."""
+    return _coordinates(g, basis_out).T @ _coordinates(a, basis_in)
+
+
+def side_sizes(basis: Tensor | None, eigenvalues: Tensor) -> Tensor:
+    """:func:`sizes` of a side from its basis and (extended) eigenvalues, in their dtype."""
+    if truncated(basis):
+        return sizes(basis, basis.shape[0]).to(eigenvalues)
+    return torch.ones_like(eigenvalues)
+
+
+def kept_count(basis: Tensor | None, eigenvalues: Tensor) -> int:
+    """The kept vectors of a side (its width for a diagonal or full side)."""
+    return basis.shape[1] if basis is not None else len(eigenvalues)
 
 
 def carry_weights(new: Tensor | None, old: Tensor | None, d: int) -> Tensor:
@@ -128,6 +171,8 @@ def carry_weights(new: Tensor | None, old: Tensor | None, d: int) -> Tensor:
     ``tr((I - P')(I - P))/(d - k')``."""
     if new is None:
         return torch.eye(d)
+    if not truncated(new) and not truncated(old):
+        return (new.T @ old).square()
     overlap = (new.T @ old).square()  # (k', k)
     rows = [overlap]
     if truncated(old):

@@ -10,6 +10,7 @@ import torch
 from tekfac.truncation import (
     carry_weights,
     merge,
+    rank_one_square_sums,
     scale,
     sizes,
     split,
@@ -119,6 +120,10 @@ def test_block_averages_of_per_example_second_moments_fit_the_trace(out_kind, in
         1)
     assert torch.allclose(grid, averaged, atol=1e-10)
     assert torch.allclose((grid * size).sum(), f.trace())
+    g, a = torch.randn(9, D_OUT), torch.randn(9, D_IN)
+    rank_one = torch.einsum("no,ni->noi", g, a)
+    assert torch.allclose(rank_one_square_sums(g, a, u_out, u_in),
+                          sum(square_sums(split(x, u_out, u_in), k_out, k_in) for x in rank_one))
 
 
 @pytest.mark.parametrize("old_kind", ["truncated", "full"])
@@ -155,3 +160,37 @@ def test_kronecker_grid_of_truncated_factors_is_their_kronecker_product():
 
     expected = torch.kron(approx(lam_out, u_out, D_OUT), approx(lam_in, u_in, D_IN))
     assert torch.allclose(dense(grid, u_out, u_in), expected, atol=1e-10)
+
+
+# ---------------------------------------------------------------- in the optimizer
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac"])
+@pytest.mark.parametrize("damping_type", ["eigenvalue", "trace_relative"])
+def test_truncated_blocks_precondition_as_their_dense_form(method, damping_type):
+    import tekfac
+    from tests.conftest import batch, tiny_net, train
+
+    torch.manual_seed(0)
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KroneckerOptimizer(net, method, basis_rank=2, cov_update_freq=1,
+                                    eigen_update_freq=2, damping_type=damping_type)
+    train(net, opt, [batch(shape) for _ in range(5)])
+    for layer in opt.preconditioner.layers:
+        curv = opt.curvature(layer.module)
+        m = torch.randn(layer.d_out, layer.d_in)
+        f = curv.dense(damped=True)
+        assert torch.allclose(curv.precondition(m).reshape(-1),
+                              torch.linalg.solve(f, m.reshape(-1)), atol=1e-8)
+        assert torch.allclose(curv.trace(), curv.dense().trace())
+        if method == "kfac":
+            state = opt.preconditioner.states[layer]
+            a, g = state.factor_in, state.factor_out
+
+            def approx(x, k):
+                values, vectors = torch.linalg.eigh(x)
+                lam, u = truncate(values.clamp(min=0), vectors, k)
+                if not truncated(u):
+                    return u @ torch.diag(lam) @ u.T
+                return u @ torch.diag(lam[:-1]) @ u.T + lam[-1] * (torch.eye(len(x)) - u @ u.T)
+
+            assert torch.allclose(curv.dense(), torch.kron(approx(g, 2), approx(a, 2)),
+                                  atol=1e-8)
