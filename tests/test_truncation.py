@@ -194,3 +194,56 @@ def test_truncated_blocks_precondition_as_their_dense_form(method, damping_type)
 
             assert torch.allclose(curv.dense(), torch.kron(approx(g, 2), approx(a, 2)),
                                   atol=1e-8)
+
+
+def _trained(method: str, steps: int = 4, **options):
+    import tekfac
+    from tests.conftest import batch, tiny_net, train
+
+    torch.manual_seed(0)
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KroneckerOptimizer(net, method, **{**dict(cov_update_freq=1,
+                                                           eigen_update_freq=2), **options})
+    torch.manual_seed(1)
+    batches = [batch(shape) for _ in range(steps)]
+    train(net, opt, batches)
+    return net, opt, shape
+
+
+def test_truncated_state_checkpoints_and_refuses_another_rank():
+    import copy
+
+    import tekfac
+    from tests.conftest import batch, train
+
+    net, opt, shape = _trained("tekfac", basis_rank=2)
+    saved = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    torch.manual_seed(2)
+    more = [batch(shape) for _ in range(3)]
+    train(net, opt, more)
+    net2, opt2, _ = _trained("tekfac", steps=0, basis_rank=2)
+    net2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    train(net2, opt2, more)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), net2.parameters()))
+    _, full, _ = _trained("tekfac", steps=0)
+    with pytest.raises(ValueError, match="basis_in has shape"):
+        full.load_state_dict(saved[1])
+    assert isinstance(full, tekfac.KroneckerOptimizer)
+
+
+@pytest.mark.parametrize("method", ["kfac", "tekfac"])
+def test_cheap_refresh_keeps_truncated_bases_orthonormal_and_the_trace(method):
+    _, opt, _ = _trained(method, steps=5, basis_rank=2, basis_refresh_freq=1,
+                         eigen_update_freq=100)
+    for layer in opt.preconditioner.layers:
+        state = opt.preconditioner.states[layer]
+        for side in ("in", "out"):
+            basis, eig = getattr(state, f"basis_{side}"), getattr(state, f"eig_{side}")
+            factor = getattr(state, f"factor_{side}")
+            k = basis.shape[1]
+            assert torch.allclose(basis.T @ basis, torch.eye(k), atol=1e-10)
+            if truncated(basis):  # refreshed from this step's factor: its trace kept
+                assert k == 2 and len(eig) == 3
+                assert torch.allclose((eig * sizes(basis, len(factor))).sum(), factor.trace())
+        assert torch.isfinite(opt.curvature(layer.module).dense()).all()
