@@ -96,6 +96,9 @@ class CurvatureConfig:
         basis_refresh_freq: steps between cheap refreshes of the eigenbases between full
             eigendecompositions (one power-iteration step from the previous basis and a QR,
             docs/design.md §4.2); ``None`` (default): full eigendecompositions only.
+        basis_rank: keep only this many eigenvectors of a dense side wider than it, with one
+            trace-preserving value for the rest of its spectrum (tekfac.truncation); ``None``
+            (default) keeps every eigenvector.
         max_factor_dim: a side of a block wider than this keeps only the diagonal of its
             factor (with a warning naming the layer): an eigendecomposition costs ``d³`` and
             its factor ``d²`` memory. ``None`` keeps every factor whole.
@@ -115,6 +118,7 @@ class CurvatureConfig:
     scale_update_freq: int = 10
     factor_dtype: torch.dtype | None = None
     basis_refresh_freq: int | None = None
+    basis_rank: int | None = None
     max_factor_dim: int | None = 8192
 
     def __post_init__(self) -> None:
@@ -129,7 +133,7 @@ class CurvatureConfig:
         check_number("stat_decay", self.stat_decay, 0.0, 1.0, high_open=True)  # 1: frozen
         for name in ("cov_update_freq", "eigen_update_freq", "scale_update_freq"):
             check_positive_int(name, getattr(self, name))
-        for name in ("basis_refresh_freq", "max_factor_dim"):
+        for name in ("basis_refresh_freq", "basis_rank", "max_factor_dim"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         if (DAMPING_KINDS[self.damping_type].needs_factor_eigenvalues

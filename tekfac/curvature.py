@@ -15,6 +15,7 @@ from tekfac.damping import DAMPING_KINDS
 from tekfac.layers import KroneckerLayer
 from tekfac.scaling import from_basis, to_basis
 from tekfac.state import LayerState
+from tekfac.truncation import kept_count, merge, scale, side_sizes, split, square_sums, truncated
 
 
 class Curvature:
@@ -43,8 +44,23 @@ class Curvature:
         return self._state.scaling
 
     def trace(self) -> Tensor:
-        """``tr F̂ = Σ S`` (0-dim)."""
-        return self._state.scaling.sum()
+        """``tr F̂ = Σ S`` (0-dim), each remainder entry counted for its piece's size."""
+        return (self._state.scaling * self._sizes()).sum()
+
+    def _sizes(self) -> Tensor:
+        s = self._state
+        return side_sizes(s.basis_out, s.eig_out)[:, None] * side_sizes(s.basis_in, s.eig_in)[
+            None, :]
+
+    def _truncated(self) -> bool:
+        return truncated(self._state.basis_in) or truncated(self._state.basis_out)
+
+    def _apply(self, matrix: Tensor, diagonal: Tensor, divide: bool) -> Tensor:
+        """``M`` multiplied or divided piecewise by a diagonal on the extended grid."""
+        s = self._state
+        k_out, k_in = kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
+        pieces = split(matrix, s.basis_out, s.basis_in)
+        return merge(scale(pieces, diagonal, k_out, k_in, divide), s.basis_out, s.basis_in)
 
     def damped_scaling(self) -> Tensor:
         """The damped diagonal ``D`` of shape ``(d_out, d_in)``, docs/design.md §3."""
@@ -55,6 +71,11 @@ class Curvature:
         """``F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``, in
         the row-major ``[W.flatten(1) | b]`` ordering."""
         diagonal = self.damped_scaling() if damped else self._state.scaling
+        if self._truncated():  # column by column through the pieces
+            d_out, d_in = self.layer.d_out, self.layer.d_in
+            eye = torch.eye(d_out * d_in, dtype=diagonal.dtype, device=diagonal.device)
+            return torch.stack([self._apply(e.reshape(d_out, d_in), diagonal, False).reshape(-1)
+                                for e in eye], 1)
         q = torch.kron(*self.eigenbasis())
         return (q * diagonal.reshape(-1)) @ q.T
 
@@ -65,6 +86,10 @@ class Curvature:
         .. math:: ⟨S, (U_{out}^T M U_{in})^{∘2}⟩.
         """
         s = self._state
+        if self._truncated():
+            k_out, k_in = kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
+            pieces = split(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
+            return (square_sums(pieces, k_out, k_in) * s.scaling).sum()
         rotated = to_basis(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
         return (rotated.square() * s.scaling).sum()
 
@@ -73,6 +98,9 @@ class Curvature:
 
         .. math:: U_{out} \\big((U_{out}^T M U_{in}) ⊘ D\\big) U_{in}^T.
         """
+        if self._truncated():
+            damped = self.damped_scaling()
+            return self._apply(matrix.to(damped.dtype), damped, True).to(matrix.dtype)
         u_out, u_in = self._state.basis_out, self._state.basis_in
         rotated = to_basis(matrix.to(self._state.scaling.dtype), u_out, u_in)
         return from_basis(rotated / self.damped_scaling(), u_out, u_in).to(matrix.dtype)

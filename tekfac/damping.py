@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from tekfac.truncation import side_sizes
+
 if TYPE_CHECKING:
     from tekfac.state import LayerState
 
@@ -46,14 +48,18 @@ class PiDamping(DampingKind):
     needs_factor_eigenvalues = True
 
     def damped(self, state, damping, floor):
-        return pi_damping(state.eig_in, state.eig_out, state.basis_scale, damping)
+        return pi_damping(state.eig_in, state.eig_out, state.basis_scale, damping,
+                          side_sizes(state.basis_in, state.eig_in),
+                          side_sizes(state.basis_out, state.eig_out))
 
 
 class TraceRelativeDamping(DampingKind):
     """``D = S + max(γ tr F̂ / p, floor)`` (:func:`trace_relative_damping`)."""
 
     def damped(self, state, damping, floor):
-        return trace_relative_damping(state.scaling, damping, floor)
+        size = side_sizes(state.basis_out, state.eig_out)[:, None] * side_sizes(
+            state.basis_in, state.eig_in)[None, :]
+        return trace_relative_damping(state.scaling, damping, floor, size)
 
 
 #: Damping kind name → implementation (docs/design.md §3).
@@ -69,18 +75,22 @@ def eigenvalue_damping(scaling: Tensor, damping: float) -> Tensor:
     return scaling + damping
 
 
-def trace_relative_damping(scaling: Tensor, gamma: float, floor: float) -> Tensor:
+def trace_relative_damping(scaling: Tensor, gamma: float, floor: float,
+                           size: Tensor | None = None) -> Tensor:
     """Damping relative to the layer's mean eigenvalue: ``D = S + λ_l`` with
 
     .. math:: λ_l = \\max(γ \\operatorname{tr}(F̂_l) / p_l, \\text{floor}),
 
     where ``tr F̂_l = Σ S`` and ``p_l = d_out·d_in`` (our reading of TKFAC's damping).
     """
-    lam = (gamma * scaling.sum() / scaling.numel()).clamp(min=floor)
+    if size is None:
+        size = torch.ones_like(scaling)
+    lam = (gamma * (scaling * size).sum() / size.sum()).clamp(min=floor)
     return scaling + lam
 
 
-def pi_damping(eig_in: Tensor, eig_out: Tensor, scale: Tensor, damping: float) -> Tensor:
+def pi_damping(eig_in: Tensor, eig_out: Tensor, scale: Tensor, damping: float,
+               size_in: Tensor | None = None, size_out: Tensor | None = None) -> Tensor:
     """Factored Tikhonov damping (Martens & Grosse 2015, §6.3) of ``(√δ Ψ) ⊗ (√δ Φ)``:
 
     .. math:: (G + \\tfrac{\\sqrt{λ}}{π} I) ⊗ (A + π\\sqrt{λ} I), \\quad
@@ -91,7 +101,10 @@ def pi_damping(eig_in: Tensor, eig_out: Tensor, scale: Tensor, damping: float) -
     """
     root = scale.sqrt()
     lam_in, lam_out = root * eig_in, root * eig_out
-    mean_in, mean_out = lam_in.mean(), lam_out.mean()
+    size_in = torch.ones_like(lam_in) if size_in is None else size_in
+    size_out = torch.ones_like(lam_out) if size_out is None else size_out
+    mean_in = (lam_in * size_in).sum() / size_in.sum()  # tr / dim, remainders weighted
+    mean_out = (lam_out * size_out).sum() / size_out.sum()
     ok = (mean_in > 0) & (mean_out > 0)
     pi = torch.where(ok, (mean_in / torch.where(ok, mean_out, 1.0)).sqrt(), 1.0)
     sqrt_damping = math.sqrt(damping)

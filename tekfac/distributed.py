@@ -271,15 +271,19 @@ class WorkSplit:
         self._in_flight.clear()
 
     def eigendecompositions(self, matrices: Sequence[Tensor],
-                            compute: Callable[[int], list[Tensor]]) -> Iterator[list[Tensor]]:
-        """``compute(i)`` (an eigendecomposition ``[values, vectors]`` of ``matrices[i]``) for
+                            compute: Callable[[int], list[Tensor]],
+                            kept: Sequence[int] | None = None) -> Iterator[list[Tensor]]:
+        """``compute(i)`` (an eigendecomposition ``[values, vectors]`` of ``matrices[i]``,
+        truncated to ``kept[i]`` vectors plus a remainder value if fewer than its size) for
         every matrix, in order. Where every rank keeps every basis, in a process group, the
         matrices are split over the ranks by :func:`eigh_cost` and the results shared;
         otherwise each is computed lazily as it is consumed, so that a layer's previous basis
         can be freed before the next one is computed."""
         if self.owners is None and self.comm.active:
             owners = self.comm.assign([eigh_cost(m.shape[0]) for m in matrices])
-            templates = [[m.new_empty(len(m)), m.new_empty(m.shape)] for m in matrices]
+            kept = kept or [len(m) for m in matrices]
+            templates = [[m.new_empty(k + int(k < len(m))), m.new_empty(len(m), k)]
+                         for m, k in zip(matrices, kept)]
             yield from self.comm.share(owners, compute, templates)
         else:
             yield from (compute(i) for i in range(len(matrices)))

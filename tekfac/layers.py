@@ -49,6 +49,7 @@ class KroneckerLayer:
         d_out: rows of ``M``: ``out_features`` or ``out_channels``.
         diagonal_in / diagonal_out: whether that side's factor is kept as its diagonal
             (:meth:`input_moment` and the output-side statistics then return vectors).
+        rank: the eigenvectors a dense side keeps at most (``None``: all; see :meth:`kept`).
     """
 
     unbatched_dims = 1
@@ -62,6 +63,13 @@ class KroneckerLayer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, d_out={self.d_out}, d_in={self.d_in})"
+
+    def kept(self, side: str) -> int:
+        """Eigenvectors the basis of ``side`` (``"in"``/``"out"``) keeps: its width, or
+        :attr:`rank` if smaller (a diagonal side keeps every coordinate)."""
+        d = self.d_in if side == "in" else self.d_out
+        diagonal = self.diagonal_in if side == "in" else self.diagonal_out
+        return d if diagonal or self.rank is None else min(d, self.rank)
 
     def restrict_to_diagonal(self, max_factor_dim: int | None) -> list[str]:
         """Make every side wider than ``max_factor_dim`` diagonal; returns the sides changed

@@ -30,6 +30,7 @@ from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
 from tekfac.scaling import SCALING_KINDS
 from tekfac.state import LayerState, state_shapes
+from tekfac.truncation import truncate, with_remainder
 
 
 class Preconditioner:
@@ -76,6 +77,8 @@ class Preconditioner:
         check_instance("seed", seed, int, "an int or None", optional=True)
         self.model = unwrap(model)
         self.layers, self.untracked = plan_layers(self.model, exclude, c.max_factor_dim)
+        for layer in self.layers:
+            layer.rank = c.basis_rank
         self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
         self.comm = Communicator()
@@ -337,7 +340,7 @@ class Preconditioner:
                 stats[layer] = (self._batch_mean(batch[layer], estimate),
                                 float(batch[layer].num_examples))
         return self.work.padded(stats, layers,
-                                lambda la: [self._zeros(la, la.d_out, la.d_in)])
+                                lambda la: [self._zeros(la, *state_shapes(la)["scaling"])])
 
     # ---------------------------------------------------------------- per-layer updates
     def _update_factors(self, reduced: dict[KroneckerLayer, Weighted]) -> set[KroneckerLayer]:
@@ -372,19 +375,26 @@ class Preconditioner:
         def compute(i: int) -> list[Tensor]:
             self.eigendecompositions += 1
             layer, side = dense[i]
+            k = layer.kept(side)
             if from_previous:
                 result = power_iteration_refresh(
                     matrices[i], getattr(self.states[layer], f"basis_{side}"))
+                if result is not None and k < len(matrices[i]):
+                    result = with_remainder(*result, matrices[i])
             else:
                 result = symmetric_eigh(matrices[i], lambda: self.warn_once(
                     layer, "eigendecomposition failed in the factor dtype",
                     "retrying in float64 with jitter"))
+                if result is not None:
+                    result = truncate(*result, k)
             if result is None:  # tell every rank, through non-finite values
                 m = matrices[i]
-                return [m.new_full((len(m),), float("nan")), m.new_full(m.shape, float("nan"))]
+                grid = k + int(k < len(m))
+                return [m.new_full((grid,), float("nan")), m.new_full((len(m), k), float("nan"))]
             return list(result)
 
-        results = self.work.eigendecompositions(matrices, compute)
+        kept = [la.kept(side) for la, side in dense]
+        results = self.work.eigendecompositions(matrices, compute, kept)
         for layer in layers:
             state = self.states[layer]
             (eig_in, basis_in), (eig_out, basis_out) = (

@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from tekfac.factors import per_example_gradients
+from tekfac.truncation import (
+    carry_weights,
+    rank_one_square_sums,
+    sizes,
+    split,
+    square_sums,
+    truncated,
+)
 
 if TYPE_CHECKING:
     from tekfac.records import Examples
@@ -121,6 +129,17 @@ def corrected_scaling(ex: Examples, basis_in: Tensor | None, basis_out: Tensor |
     """
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
+    if truncated(basis_in) or truncated(basis_out):  # block averages on the extended grid
+        k_out = basis_out.shape[1] if basis_out is not None else d_out
+        k_in = basis_in.shape[1] if basis_in is not None else d_in
+        if t == 1 and not ex.layer.diagonal_in:
+            total = sum(rank_one_square_sums(g[:, 0], a[:, 0], basis_out, basis_in)
+                        for a, g in ex.pieces())
+        else:
+            total = sum(square_sums(split(d, basis_out, basis_in), k_out, k_in)
+                        for d in ex.gradients())
+        size = sizes(basis_out, d_out)[:, None] * sizes(basis_in, d_in)[None, :]
+        return total / size.to(total) / ex.n
     if t == 1 and basis_in is not None:
         total = sum(_rotated(g[:, 0], basis_out).square().T @ (a[:, 0] @ basis_in).square()
                     for a, g in ex.pieces())
@@ -142,7 +161,7 @@ def carry_scaling(scaling: Tensor, old_in: Tensor | None, old_out: Tensor | None
     (``R = I`` on a diagonal side, whose basis stays the identity).
     """
     if old_out is not None:
-        scaling = (new_out.T @ old_out).square() @ scaling
+        scaling = carry_weights(new_out, old_out, new_out.shape[0]) @ scaling
     if old_in is not None:
-        scaling = scaling @ (new_in.T @ old_in).square().T
+        scaling = scaling @ carry_weights(new_in, old_in, new_in.shape[0]).T
     return scaling

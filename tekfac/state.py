@@ -121,10 +121,12 @@ def state_shapes(layer: KroneckerLayer) -> dict[str, tuple[int, ...]]:
     """The shape of every :class:`LayerState` field that ``layer`` can have (a diagonal side
     has a vector factor and no basis)."""
     d_in, d_out = layer.d_in, layer.d_out
+    k_in, k_out = layer.kept("in"), layer.kept("out")
+    grid_in, grid_out = k_in + int(k_in < d_in), k_out + int(k_out < d_out)  # + remainder
     shapes = {"factor_in": (d_in,) if layer.diagonal_in else (d_in, d_in),
               "factor_out": (d_out,) if layer.diagonal_out else (d_out, d_out), "scale": (),
-              "basis_in": (d_in, d_in), "basis_out": (d_out, d_out), "eig_in": (d_in,),
-              "eig_out": (d_out,), "basis_scale": (), "scaling": (d_out, d_in)}
+              "basis_in": (d_in, k_in), "basis_out": (d_out, k_out), "eig_in": (grid_in,),
+              "eig_out": (grid_out,), "basis_scale": (), "scaling": (grid_out, grid_in)}
     for side in ("in", "out"):
         if getattr(layer, f"diagonal_{side}"):
             del shapes[f"basis_{side}"]

@@ -72,7 +72,8 @@ def _data(world, steps=STEPS):
              torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(steps)]
 
 
-def _equal_to_reference(rank, world, tmp, fisher):
+def _equal_to_reference(rank, world, tmp, fisher, options=None):
+    options = {**FAST, **(options or {})}
     mc = fisher == "mc"
     sampled: list = []
     if mc:
@@ -83,7 +84,7 @@ def _equal_to_reference(rank, world, tmp, fisher):
     for method in tekfac.METHODS:  # single process on the concatenated batches, no group yet
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
-        opt = tekfac.KroneckerOptimizer(net, method, fisher=fisher, **FAST)
+        opt = tekfac.KroneckerOptimizer(net, method, fisher=fisher, **options)
         train(net, opt, data, mc=mc)
         references[method] = (net, opt)
     _init(rank, world, tmp)
@@ -92,7 +93,7 @@ def _equal_to_reference(rank, world, tmp, fisher):
         torch.manual_seed(0)
         net, _ = tiny_net("cnn")
         ddp = nn.parallel.DistributedDataParallel(net)
-        opt = tekfac.KroneckerOptimizer(ddp, method, fisher=fisher, **FAST)
+        opt = tekfac.KroneckerOptimizer(ddp, method, fisher=fisher, **options)
         train(ddp, opt, [(x[shard], y[shard]) for x, y in data], mc=mc)
         # Kronecker scalings depend on the factors only; corrected ones also on the basis,
         # which roundoff (another summation order) rotates by ~ε/gap, hence the looser
@@ -138,8 +139,8 @@ def _reduction_overlaps_the_backward(x, y):
             assert len(sent) == 1
 
 
-def _owner_mode(rank, world, tmp, max_factor_dim):
-    options = dict(FAST, max_factor_dim=max_factor_dim)
+def _owner_mode(rank, world, tmp, max_factor_dim, basis_rank=None):
+    options = dict(FAST, max_factor_dim=max_factor_dim, basis_rank=basis_rank)
     data = _data(world)
     shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     references = {}
@@ -184,9 +185,11 @@ def _owner_mode(rank, world, tmp, max_factor_dim):
             assert torch.equal(p, q), method
 
 
-@pytest.mark.parametrize("max_factor_dim", [None, 10])  # 10: every input side diagonal
-def test_owner_mode_equals_the_reference_and_keeps_bases_on_owners(tmp_path, max_factor_dim):
-    launch(_owner_mode, 2, tmp_path, max_factor_dim)
+@pytest.mark.parametrize(("max_factor_dim", "basis_rank"),
+                         [(None, None), (10, None), (None, 3)])  # 10: every input side diagonal
+def test_owner_mode_equals_the_reference_and_keeps_bases_on_owners(tmp_path, max_factor_dim,
+                                                                   basis_rank):
+    launch(_owner_mode, 2, tmp_path, max_factor_dim, basis_rank)
 
 
 def test_owner_mode_is_refused_for_corrected_scaling():
@@ -198,6 +201,11 @@ def test_owner_mode_is_refused_for_corrected_scaling():
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_equals_the_single_process_reference(world, tmp_path):
     launch(_equal_to_reference, world, tmp_path, "empirical")
+
+
+def test_truncated_bases_are_shared_and_equal_the_reference(tmp_path):
+    """basis_rank=3: the decompositions' shared results have the truncated shapes."""
+    launch(_equal_to_reference, 2, tmp_path, "empirical", {"basis_rank": 3})
 
 
 def test_mc_statistics_are_reduced_during_the_backward_and_equal_the_reference(tmp_path):
