@@ -19,7 +19,7 @@ from tekfac.truncation import (
     truncated,
 )
 
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64
 D_OUT, D_IN = 5, 7
 
 
@@ -32,11 +32,11 @@ def psd(d: int, seed: int) -> torch.Tensor:
 def completed(basis: torch.Tensor | None, d: int) -> torch.Tensor:
     """A square orthonormal matrix whose first columns are ``basis`` (the identity for None)."""
     if basis is None:
-        return torch.eye(d)
+        return torch.eye(d, dtype=F64)
     if not truncated(basis):
         return basis
     g = torch.Generator().manual_seed(99)
-    q, _ = torch.linalg.qr(torch.cat([basis, torch.randn(d, d, generator=g)], 1))
+    q, _ = torch.linalg.qr(torch.cat([basis, torch.randn(d, d, generator=g, dtype=F64)], 1))
     q = q[:, :d].contiguous().clone()
     q[:, :basis.shape[1]] = basis  # QR gives these up to signs
     return q
@@ -64,7 +64,7 @@ def side(kind: str, d: int, seed: int) -> torch.Tensor | None:
 def grid_for(basis_out, basis_in, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = (len(sizes(basis_out, D_OUT)), len(sizes(basis_in, D_IN)))
-    return torch.rand(shape, generator=g) + 0.1
+    return torch.rand(shape, generator=g, dtype=F64) + 0.1
 
 
 KINDS = [("truncated", "truncated"), ("truncated", "full"), ("full", "truncated"),
@@ -84,7 +84,7 @@ def test_truncate_keeps_the_largest_pairs_and_the_trace():
 @pytest.mark.parametrize(("out_kind", "in_kind"), KINDS)
 def test_split_and_merge_are_inverse_and_piecewise_scaling_is_the_dense_solve(out_kind, in_kind):
     u_out, u_in = side(out_kind, D_OUT, 1), side(in_kind, D_IN, 2)
-    m = torch.randn(D_OUT, D_IN)
+    m = torch.randn(D_OUT, D_IN, dtype=F64)
     pieces = split(m, u_out, u_in)
     assert torch.allclose(merge(pieces, u_out, u_in), m, atol=1e-12)
     grid = grid_for(u_out, u_in)
@@ -107,7 +107,7 @@ def test_block_averages_of_per_example_second_moments_fit_the_trace(out_kind, in
     u_out, u_in = side(out_kind, D_OUT, 1), side(in_kind, D_IN, 2)
     k_out = u_out.shape[1] if u_out is not None else D_OUT
     k_in = u_in.shape[1] if u_in is not None else D_IN
-    d = torch.randn(9, D_OUT, D_IN)
+    d = torch.randn(9, D_OUT, D_IN, dtype=F64)
     estimate = sum(square_sums(split(x, u_out, u_in), k_out, k_in) for x in d) / len(d)
     size = sizes(u_out, D_OUT)[:, None] * sizes(u_in, D_IN)[None, :]
     grid = estimate / size
@@ -120,7 +120,7 @@ def test_block_averages_of_per_example_second_moments_fit_the_trace(out_kind, in
         1)
     assert torch.allclose(grid, averaged, atol=1e-10)
     assert torch.allclose((grid * size).sum(), f.trace())
-    g, a = torch.randn(9, D_OUT), torch.randn(9, D_IN)
+    g, a = torch.randn(9, D_OUT, dtype=F64), torch.randn(9, D_IN, dtype=F64)
     rank_one = torch.einsum("no,ni->noi", g, a)
     assert torch.allclose(rank_one_square_sums(g, a, u_out, u_in),
                           sum(square_sums(split(x, u_out, u_in), k_out, k_in) for x in rank_one))
@@ -156,7 +156,7 @@ def test_kronecker_grid_of_truncated_factors_is_their_kronecker_product():
 
     def approx(lam, u, d):
         p = u @ u.T
-        return u @ torch.diag(lam[:-1]) @ u.T + lam[-1] * (torch.eye(d) - p)
+        return u @ torch.diag(lam[:-1]) @ u.T + lam[-1] * (torch.eye(d, dtype=F64) - p)
 
     expected = torch.kron(approx(lam_out, u_out, D_OUT), approx(lam_in, u_in, D_IN))
     assert torch.allclose(dense(grid, u_out, u_in), expected, atol=1e-10)
@@ -176,7 +176,7 @@ def test_truncated_blocks_precondition_as_their_dense_form(method, damping_type)
     train(net, opt, [batch(shape) for _ in range(5)])
     for layer in opt.preconditioner.layers:
         curv = opt.curvature(layer.module)
-        m = torch.randn(layer.d_out, layer.d_in)
+        m = torch.randn(layer.d_out, layer.d_in, dtype=F64)
         f = curv.dense(damped=True)
         assert torch.allclose(curv.precondition(m).reshape(-1),
                               torch.linalg.solve(f, m.reshape(-1)), atol=1e-8)
@@ -190,7 +190,8 @@ def test_truncated_blocks_precondition_as_their_dense_form(method, damping_type)
                 lam, u = truncate(values.clamp(min=0), vectors, k)
                 if not truncated(u):
                     return u @ torch.diag(lam) @ u.T
-                return u @ torch.diag(lam[:-1]) @ u.T + lam[-1] * (torch.eye(len(x)) - u @ u.T)
+                return u @ torch.diag(lam[:-1]) @ u.T + lam[-1] * (torch.eye(len(x), dtype=F64)
+                                                                   - u @ u.T)
 
             assert torch.allclose(curv.dense(), torch.kron(approx(g, 2), approx(a, 2)),
                                   atol=1e-8)
@@ -242,7 +243,7 @@ def test_cheap_refresh_keeps_truncated_bases_orthonormal_and_the_trace(method):
             basis, eig = getattr(state, f"basis_{side}"), getattr(state, f"eig_{side}")
             factor = getattr(state, f"factor_{side}")
             k = basis.shape[1]
-            assert torch.allclose(basis.T @ basis, torch.eye(k), atol=1e-10)
+            assert torch.allclose(basis.T @ basis, torch.eye(k, dtype=F64), atol=1e-10)
             if truncated(basis):  # refreshed from this step's factor: its trace kept
                 assert k == 2 and len(eig) == 3
                 assert torch.allclose((eig * sizes(basis, len(factor))).sum(), factor.trace())
