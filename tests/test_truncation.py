@@ -54,6 +54,16 @@ def dense(grid, basis_out, basis_in) -> torch.Tensor:
     return (q * expanded(grid, basis_out, basis_in).reshape(-1)) @ q.T
 
 
+def block_averages(f: torch.Tensor, basis_out, basis_in) -> torch.Tensor:
+    """The diagonal of ``f`` in the completed bases, averaged over each piece of the grid."""
+    q = torch.kron(completed(basis_out, D_OUT), completed(basis_in, D_IN))
+    diag = (q.T @ f @ q).diagonal().reshape(D_OUT, D_IN)
+    rows = sizes(basis_out, D_OUT).long().tolist()
+    cols = sizes(basis_in, D_IN).long().tolist()
+    per_row = torch.stack([r.mean(0) for r in torch.split(diag, rows, 0)])
+    return torch.stack([c.mean(1) for c in torch.split(per_row, cols, 1)], 1)
+
+
 def side(kind: str, d: int, seed: int) -> torch.Tensor | None:
     if kind == "diagonal":
         return None
@@ -112,13 +122,7 @@ def test_block_averages_of_per_example_second_moments_fit_the_trace(out_kind, in
     size = sizes(u_out, D_OUT)[:, None] * sizes(u_in, D_IN)[None, :]
     grid = estimate / size
     f = torch.einsum("np,nq->pq", d.reshape(9, -1), d.reshape(9, -1)) / 9
-    q = torch.kron(completed(u_out, D_OUT), completed(u_in, D_IN))
-    diag = (q.T @ f @ q).diagonal().reshape(D_OUT, D_IN)
-    rows, cols = sizes(u_out, D_OUT).long(), sizes(u_in, D_IN).long()
-    averaged = torch.stack([c.mean(1) for c in torch.split(
-        torch.stack([r.mean(0) for r in torch.split(diag, rows.tolist(), 0)]), cols.tolist(), 1)],
-        1)
-    assert torch.allclose(grid, averaged, atol=1e-10)
+    assert torch.allclose(grid, block_averages(f, u_out, u_in), atol=1e-10)
     assert torch.allclose((grid * size).sum(), f.trace())
     g, a = torch.randn(9, D_OUT, dtype=F64), torch.randn(9, D_IN, dtype=F64)
     rank_one = torch.einsum("no,ni->noi", g, a)
@@ -135,13 +139,7 @@ def test_carry_gives_the_block_averages_of_the_old_diagonal_in_the_new_basis(old
     carried = carry_weights(new_out, old_out, D_OUT) @ grid @ carry_weights(
         new_in, old_in, D_IN).T
     f = dense(grid, old_out, old_in)
-    q = torch.kron(completed(new_out, D_OUT), completed(new_in, D_IN))
-    diag = (q.T @ f @ q).diagonal().reshape(D_OUT, D_IN)
-    rows, cols = sizes(new_out, D_OUT).long(), sizes(new_in, D_IN).long()
-    averaged = torch.stack([c.mean(1) for c in torch.split(
-        torch.stack([r.mean(0) for r in torch.split(diag, rows.tolist(), 0)]), cols.tolist(), 1)],
-        1)
-    assert torch.allclose(carried, averaged, atol=1e-10)
+    assert torch.allclose(carried, block_averages(f, new_out, new_in), atol=1e-10)
     size_new = sizes(new_out, D_OUT)[:, None] * sizes(new_in, D_IN)[None, :]
     assert torch.allclose((carried * size_new).sum(), f.trace())
 
