@@ -55,12 +55,16 @@ class Curvature:
     def _truncated(self) -> bool:
         return truncated(self._state.basis_in) or truncated(self._state.basis_out)
 
+    def _kept(self) -> tuple[int, int]:
+        """The kept vectors of the output and input sides."""
+        s = self._state
+        return kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
+
     def _apply(self, matrix: Tensor, diagonal: Tensor, divide: bool) -> Tensor:
         """``M`` multiplied or divided piecewise by a diagonal on the extended grid."""
         s = self._state
-        k_out, k_in = kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
         pieces = split(matrix, s.basis_out, s.basis_in)
-        return merge(scale(pieces, diagonal, k_out, k_in, divide), s.basis_out, s.basis_in)
+        return merge(scale(pieces, diagonal, *self._kept(), divide), s.basis_out, s.basis_in)
 
     def damped_scaling(self) -> Tensor:
         """The damped diagonal ``D`` of shape ``(d_out, d_in)``, docs/design.md §3."""
@@ -87,9 +91,8 @@ class Curvature:
         """
         s = self._state
         if self._truncated():
-            k_out, k_in = kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
             pieces = split(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
-            return (square_sums(pieces, k_out, k_in) * s.scaling).sum()
+            return (square_sums(pieces, *self._kept()) * s.scaling).sum()
         rotated = to_basis(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
         return (rotated.square() * s.scaling).sum()
 
