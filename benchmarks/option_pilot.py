@@ -4,12 +4,13 @@ For each task: the first ``--trials`` points of TEKFAC's quasi-random search spa
 (:func:`tekfac.bench.search.draw`, the tuning campaign's own points), each trained on the
 tuning split (:func:`tekfac.bench.tune.tuning_split`) at the task's budget or ``--epochs``,
 once per variant: today's defaults, adaptive damping (``damping_adaptive``), a cheap basis
-refresh every 10 steps (``basis_refresh_freq``). Scored as the campaign scores trials
-(:func:`tekfac.bench.tune.trial_record`, :func:`tekfac.bench.search.select`). Prints one line
-per trial and the best trial per variant; ``--out`` also writes every trial as JSON lines.
+refresh every 10 steps (``basis_refresh_freq``), rank-128 eigenbases (``basis_rank``). Scored
+as the campaign scores trials (:func:`tekfac.bench.tune.trial_record`,
+:func:`tekfac.bench.search.select`). Prints one line per trial and the best trial per
+variant; ``--out`` also writes every trial as JSON lines.
 
     python benchmarks/option_pilot.py [--tasks fmnist-cnn fmnist-autoencoder] [--trials 2]
-        [--epochs 1] [--out pilot.jsonl]
+        [--epochs 1] [--variants default "basis rank 128"] [--out pilot.jsonl]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "default": {},
     "adaptive damping": {"damping_adaptive": 1.0},
     "basis refresh/10": {"basis_refresh_freq": 10},
+    "basis rank 128": {"basis_rank": 128},
 }
 
 

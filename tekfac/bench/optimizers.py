@@ -25,7 +25,8 @@ every 10 / eigenbases every 100 / corrected scalings every 10 steps (docs/design
 tuned hyper-parameters are the learning rate, the damping and the KL-clip bound κ (``kl_clip``,
 1e-3 when not given); ``damping_adaptive`` (a search coordinate in [0, 1], on from 0.5) turns
 on the Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
-closure), and ``basis_refresh_freq`` the cheap basis refresh (docs/design.md §3, §4.2).
+closure), ``basis_refresh_freq`` the cheap basis refresh and ``basis_rank`` the rank-k
+eigenbases (docs/design.md §3, §4.2, §2(d)).
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
             settings["damping_adaptive"] = True
         if "basis_refresh_freq" in hparams:
             settings["basis_refresh_freq"] = int(hparams["basis_refresh_freq"])
+        if "basis_rank" in hparams:
+            settings["basis_rank"] = int(hparams["basis_rank"])
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

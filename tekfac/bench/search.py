@@ -58,6 +58,21 @@ SPACES: dict[str, dict[str, Range]] = {
 SPACES["tekfac"]["damping_adaptive"] = Range(0.0, 1.0, log=False)
 assert set(SPACES) == set(OPTIMIZERS)
 
+#: Settings the campaign fixes, not searches, for an optimizer on a task: task name ->
+#: optimizer -> values added to every trial (and so to the chosen values the final runs use).
+#: Each comes from a recorded pilot made before the campaign (docs/results/option-pilot):
+#: rank-128 eigenbases halved TEKFAC's autoencoder step (its 1000x785 rotations) at an equal or
+#: better validation error in the 4 pilot trials; on the CNN they saved no time, so it keeps
+#: its full bases.
+FIXED: dict[str, dict[str, dict[str, float]]] = {
+    "fmnist-autoencoder": {"tekfac": {"basis_rank": 128}},
+}
+
+
+def fixed(task: str, optimizer: str) -> dict[str, float]:
+    """The values :data:`FIXED` adds to every trial of ``optimizer`` on ``task`` (often none)."""
+    return dict(FIXED.get(task, {}).get(optimizer, {}))
+
 
 def draw(optimizer: str, trials: int = TRIALS, seed: int = 0) -> list[dict[str, float]]:
     """The ``trials`` hyper-parameter sets of ``optimizer``: the first points of a scrambled

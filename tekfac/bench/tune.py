@@ -11,7 +11,8 @@ as it ends; ``resume`` keeps the finished trials of the same budget and runs the
 
 This module owns the result file format: a JSON object whose ``"chosen"`` member maps each
 optimizer to its values (read by :func:`load_hparams` and :func:`read_tuning_file`), with
-``"trials"``, ``"spaces"``, ``"budget"``, ``"command"``, ``"machine"`` and ``"wall_time_s"``.
+``"trials"``, ``"spaces"``, ``"fixed"`` (the settings :data:`tekfac.bench.search.FIXED` adds to
+every trial), ``"budget"``, ``"command"``, ``"machine"`` and ``"wall_time_s"``.
 The files of the previous protocol (a grid of 9 points, 1 epoch) have the same ``"chosen"``
 member and stay readable.
 """
@@ -30,7 +31,7 @@ import torch
 from tekfac.bench.data import Dataset, load_dataset, split_validation
 from tekfac.bench.optimizers import DEFAULT_HPARAMS
 from tekfac.bench.runner import Split, run
-from tekfac.bench.search import SPACES, TRIALS, draw, select, steps_to_target
+from tekfac.bench.search import SPACES, TRIALS, draw, fixed, select, steps_to_target
 from tekfac.bench.tasks import TASKS, Task
 
 TUNED_DIR = Path(__file__).parent / "tuned"
@@ -155,15 +156,17 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
     records = list(done)
     result = dict(task=task.name, metric=f"validation {task.metric}", budget=budget,
                   spaces={o: {k: r._asdict() for k, r in SPACES[o].items()} for o in optimizers},
+                  fixed={o: fixed(task.name, o) for o in optimizers if fixed(task.name, o)},
                   selection="fewest steps to the validation target; ties and trials that do "
                   "not reach it by the final validation metric; diverged trials last",
                   sampler=f"optuna.samplers.QMCSampler(qmc_type='sobol', scramble=True, "
                   f"seed={seed}), no pruning", chosen={}, trials=records)
     finished = {(t["optimizer"], t["index"]) for t in records}
     for optimizer in optimizers:
-        for index, params in enumerate(draw(optimizer, trials, seed)):
+        for index, point in enumerate(draw(optimizer, trials, seed)):
             if (optimizer, index) in finished:
                 continue
+            params = {**point, **fixed(task.name, optimizer)}
             runs = run(task, split, optimizer, params, seed, epochs, batch_size, device,
                        quiet=quiet, evals_per_epoch=evals_per_epoch,
                        warmup_fraction=task.warmup_fraction)
@@ -212,6 +215,7 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
             full["trials"] = kept + result["trials"]
             full["chosen"] = {**old["chosen"], **result["chosen"]}
             full["spaces"] = {**old["spaces"], **result["spaces"]}
+            full["fixed"] = {**old.get("fixed", {}), **result["fixed"]}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(full, indent=2) + "\n")
 

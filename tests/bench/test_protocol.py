@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tekfac.bench import search as search_module
 from tekfac.bench import tune as tune_module
 from tekfac.bench.data import Dataset
 from tekfac.bench.optimizers import (
@@ -193,6 +194,15 @@ def test_the_adaptive_damping_coordinate_switches_at_one_half():
     assert sum(t["damping_adaptive"] >= 0.5 for t in draw("tekfac")) == 8
 
 
+def test_the_basis_options_reach_the_kronecker_optimizer():
+    model = TASKS["digits-mlp"].build()
+    opt = make_optimizer("tekfac", model, {"lr": 0.1, "damping": 0.1, "basis_rank": 16.0,
+                                           "basis_refresh_freq": 10.0}, "cross_entropy", 0.0)
+    assert opt.preconditioner.config.basis_rank == 16
+    assert opt.preconditioner.config.basis_refresh_freq == 10
+    opt.preconditioner.remove_hooks()
+
+
 def test_runner_steps_in_a_closure_and_logs_the_damping_when_it_adapts():
     task = TASKS["digits-mlp"]
     hparams = {"lr": 0.1, "damping": 1e-2, "damping_adaptive": 1.0}
@@ -242,6 +252,32 @@ def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="budget"):
         main_tune(task.name, ["sgd"], 2, None, 32, None, out, True, "cpu", "cmd", trials=4,
                   resume=True)
+
+
+@NEEDS_OPTUNA
+def test_tune_adds_the_fixed_settings_to_every_trial_of_their_optimizer(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(task, split, optimizer, hparams, *args, **kw):
+        seen.append((optimizer, dict(hparams)))
+        return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
+                dict(step=10, test_metric=hparams["lr"], wall_time_s=1.0, diverged=False)]
+
+    monkeypatch.setattr(tune_module, "run", fake_run)
+    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
+        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
+        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+    monkeypatch.setitem(search_module.FIXED, "digits-mlp", {"sgd": {"basis_rank": 7}})
+    out = tmp_path / "t.json"
+    main_tune("digits-mlp", ["sgd", "adamw"], 1, None, 32, None, out, True, "cpu", "cmd",
+              trials=2)
+    assert [h.get("basis_rank") for _, h in seen] == [7, 7, None, None]
+    assert [h["lr"] for o, h in seen if o == "sgd"] == [p["lr"] for p in draw("sgd", 2)]
+    result = json.loads(out.read_text())
+    assert result["fixed"] == {"sgd": {"basis_rank": 7}}
+    assert result["chosen"]["sgd"]["basis_rank"] == 7
+    assert search_module.fixed("fmnist-autoencoder", "tekfac") == {"basis_rank": 128}
+    assert search_module.fixed("fmnist-cnn", "tekfac") == {}
 
 
 def test_performance_profile_is_written(tmp_path):
