@@ -189,7 +189,9 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
     """``tekfac tune``: tune and write the result file after every trial.
 
     Without ``resume`` an existing file is replaced. With ``resume`` its trials of the same
-    budget are kept (and not rerun); the other optimizers' chosen values are kept too.
+    budget are kept (and not rerun); the other optimizers' chosen values are kept too. The file's
+    ``"parts"`` lists every invocation that wrote it (command, machine, wall time);
+    ``"command"`` and ``"machine"`` are the latest, ``"wall_time_s"`` their sum.
 
     Raises:
         SystemExit: ``resume`` with a file of another budget, or of the previous protocol.
@@ -207,9 +209,13 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
         done = [t for t in old["trials"] if t["optimizer"] in optimizers]
     start = time.perf_counter()
 
+    earlier = _parts(old) if old is not None else []
+
     def save(result: dict) -> None:
-        full = dict(result, command=command, machine=machine(),
-                    wall_time_s=time.perf_counter() - start + (old or {}).get("wall_time_s", 0))
+        elapsed = time.perf_counter() - start
+        part = dict(command=command, machine=machine(), wall_time_s=elapsed)
+        full = dict(result, command=command, machine=part["machine"], parts=[*earlier, part],
+                    wall_time_s=elapsed + (old or {}).get("wall_time_s", 0))
         if old is not None:
             kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]
             full["trials"] = kept + result["trials"]
@@ -225,3 +231,11 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
                   done_budget=None if old is None else old["budget"], save=save)
     save(result)
     return path
+
+
+def _parts(old: dict) -> list[dict]:
+    """The invocations that wrote the tuning file ``old``; a file written before ``"parts"``
+    existed counts as one, its ``"command"``, ``"machine"`` and ``"wall_time_s"``."""
+    if "parts" in old:
+        return old["parts"]
+    return [dict(command=old["command"], machine=old["machine"], wall_time_s=old["wall_time_s"])]

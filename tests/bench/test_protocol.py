@@ -243,12 +243,16 @@ def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     assert result["chosen"]["sgd"] == best["params"]
     # resume: an interrupted file (last trial missing) reruns that trial only
     result["trials"] = result["trials"][:-1]
+    del result["parts"]  # as the files written before the parts were recorded
     out.write_text(json.dumps(result))
     calls.clear()
     main_tune(task.name, ["sgd", "adamw"], 1, None, 32, None, out, True, "cpu", "cmd",
               trials=4, resume=True)
     assert len(calls) == 1 and calls[0][0] == "adamw"
-    assert len(json.loads(out.read_text())["trials"]) == 8
+    resumed = json.loads(out.read_text())
+    assert len(resumed["trials"]) == 8
+    assert [p["command"] for p in resumed["parts"]] == ["cmd", "cmd"]
+    assert resumed["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in resumed["parts"]))
     with pytest.raises(SystemExit, match="budget"):
         main_tune(task.name, ["sgd"], 2, None, 32, None, out, True, "cpu", "cmd", trials=4,
                   resume=True)
