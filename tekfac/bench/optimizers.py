@@ -10,6 +10,9 @@ Baselines (all from maintained libraries, none re-implemented here):
   ``torch.optim.AdamW`` on the rest, as Muon's documentation prescribes; Muon's step is scaled
   with ``adjust_lr_fn="match_rms_adamw"`` so that both halves share one learning rate and one
   weight decay (Moonshot's rule, which the documentation says lets Muon reuse AdamW's values).
+  On CPU its Newton–Schulz iteration runs in float32 instead of torch's bfloat16
+  (:class:`tekfac.bench.muon.CPUMuon`: bfloat16 products are several times slower on CPUs
+  without bfloat16 units), nothing else changed.
 * ``soap`` and ``shampoo``: ``pytorch_optimizer.SOAP`` and ``pytorch_optimizer.ScalableShampoo``
   (the optional ``bench`` extra, ``pip install -e .[bench]``): SOAP with its defaults
   (betas (0.95, 0.95), preconditioner every 10 steps), Shampoo with RMSProp grafting, Nesterov
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import tekfac
+from tekfac.bench.muon import CPUMuon
 
 #: The Kronecker methods: every method of the library (kfac, ekfac, tkfac, tekfac).
 SECOND_ORDER = tuple(tekfac.METHODS)
@@ -146,8 +150,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
         hidden, rest = muon_split(model)
         parts = [torch.optim.AdamW(rest, lr=lr, weight_decay=wd)] if rest else []
         if hidden:
-            parts.insert(0, torch.optim.Muon(hidden, lr=lr, weight_decay=wd,
-                                             adjust_lr_fn="match_rms_adamw"))
+            parts.insert(0, CPUMuon(hidden, lr=lr, weight_decay=wd,
+                                    adjust_lr_fn="match_rms_adamw"))
         return ChainedOptimizer(*parts)
     if name == "soap":
         return _pytorch_optimizer(name).SOAP(params, lr=lr, weight_decay=wd)
