@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "adaptive damping": {"damping_adaptive": 1.0},
     "basis refresh/10": {"basis_refresh_freq": 10},
     "basis rank 128": {"basis_rank": 128},
+    "rank 128, eigen/20": {"basis_rank": 128, "eigen_update_freq": 20},
 }
 
 

@@ -29,7 +29,8 @@ tuned hyper-parameters are the learning rate, the damping and the KL-clip bound 
 1e-3 when not given); ``damping_adaptive`` (a search coordinate in [0, 1], on from 0.5) turns
 on the Levenberg–Marquardt damping with its default schedule (:func:`take_step` then steps in a
 closure), ``basis_refresh_freq`` the cheap basis refresh and ``basis_rank`` the rank-k
-eigenbases (docs/design.md §3, §4.2, §2(d)).
+eigenbases (docs/design.md §3, §4.2, §2(d)); ``cov_update_freq``, ``eigen_update_freq`` and
+``scale_update_freq`` replace the fixed intervals (pilots only: the campaign keeps them fixed).
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
                                   preconditioning_compute_steps=100)
     if name in SECOND_ORDER:
         settings = {**KRONECKER_SETTINGS, **options}
-        if "kl_clip" in hparams:
-            settings["kl_clip"] = hparams["kl_clip"]
+        for key in ("kl_clip", "cov_update_freq", "eigen_update_freq", "scale_update_freq"):
+            if key in hparams:
+                settings[key] = type(KRONECKER_SETTINGS[key])(hparams[key])
         if hparams.get("damping_adaptive", 0.0) >= 0.5:
             settings["damping_adaptive"] = True
         if "basis_refresh_freq" in hparams:

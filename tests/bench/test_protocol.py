@@ -194,12 +194,14 @@ def test_the_adaptive_damping_coordinate_switches_at_one_half():
     assert sum(t["damping_adaptive"] >= 0.5 for t in draw("tekfac")) == 8
 
 
-def test_the_basis_options_reach_the_kronecker_optimizer():
+def test_the_basis_options_and_intervals_reach_the_kronecker_optimizer():
     model = TASKS["digits-mlp"].build()
     opt = make_optimizer("tekfac", model, {"lr": 0.1, "damping": 0.1, "basis_rank": 16.0,
-                                           "basis_refresh_freq": 10.0}, "cross_entropy", 0.0)
-    assert opt.preconditioner.config.basis_rank == 16
-    assert opt.preconditioner.config.basis_refresh_freq == 10
+                                           "basis_refresh_freq": 10.0, "eigen_update_freq": 20.0},
+                         "cross_entropy", 0.0)
+    config = opt.preconditioner.config
+    assert (config.basis_rank, config.basis_refresh_freq, config.eigen_update_freq) == (16, 10, 20)
+    assert config.cov_update_freq == 10  # the benchmark's fixed interval when not given
     opt.preconditioner.remove_hooks()
 
 
