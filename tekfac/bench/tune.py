@@ -7,7 +7,8 @@ evaluated ``evals_per_epoch`` times per epoch on that split (never the test set)
 with the fewest steps to the task's validation target wins
 (:func:`tekfac.bench.search.select`). Every trial (its values, steps to target, final
 validation metric, training wall time, diverged flag) is written to the result file as soon
-as it ends; ``resume`` keeps the finished trials of the same budget and runs the others.
+as it ends; ``resume`` keeps the finished trials of the same budget whose values the search
+still draws, and runs the others.
 
 This module owns the result file format: a JSON object whose ``"chosen"`` member maps each
 optimizer to its values (read by :func:`load_hparams` and :func:`read_tuning_file`), with
@@ -153,7 +154,13 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
     if done_budget is not None and done_budget != budget:
         raise SystemExit(f"tekfac: cannot resume: the earlier budget {done_budget} differs "
                          f"from this one {budget}; rerun with its settings or use another --out")
-    records = list(done)
+    points = {o: [{**p, **fixed(task.name, o)} for p in draw(o, trials, seed)]
+              for o in optimizers}
+    done = list(done)
+    records = [t for t in done if _drawn(t, points)]
+    if len(records) < len(done):
+        print(f"tune {task.name}: {len(done) - len(records)} earlier trials have values that "
+              "this search space no longer draws; running them again", flush=True)
     result = dict(task=task.name, metric=f"validation {task.metric}", budget=budget,
                   spaces={o: {k: r._asdict() for k, r in SPACES[o].items()} for o in optimizers},
                   fixed={o: fixed(task.name, o) for o in optimizers if fixed(task.name, o)},
@@ -163,10 +170,9 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
                   f"seed={seed}), no pruning", chosen={}, trials=records)
     finished = {(t["optimizer"], t["index"]) for t in records}
     for optimizer in optimizers:
-        for index, point in enumerate(draw(optimizer, trials, seed)):
+        for index, params in enumerate(points[optimizer]):
             if (optimizer, index) in finished:
                 continue
-            params = {**point, **fixed(task.name, optimizer)}
             runs = run(task, split, optimizer, params, seed, epochs, batch_size, device,
                        quiet=quiet, evals_per_epoch=evals_per_epoch,
                        warmup_fraction=task.warmup_fraction)
@@ -180,6 +186,13 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
         own = [t for t in records if t["optimizer"] == optimizer]
         result["chosen"][optimizer] = select(own, task.higher_is_better)["params"]
     return result
+
+
+def _drawn(trial: dict, points: dict[str, list[dict]]) -> bool:
+    """Whether a finished trial's values are the point the search draws for its index now
+    (a changed range or fixed setting draws other values: the trial must run again)."""
+    own = points.get(trial["optimizer"], [])
+    return trial["index"] < len(own) and own[trial["index"]] == trial["params"]
 
 
 def main_tune(task_name: str, optimizers: list[str], epochs: int | None,

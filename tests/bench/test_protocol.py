@@ -255,6 +255,14 @@ def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     assert len(resumed["trials"]) == 8
     assert [p["command"] for p in resumed["parts"]] == ["cmd", "cmd"]
     assert resumed["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in resumed["parts"]))
+    # resume: a trial whose values the space no longer draws (a changed range) runs again
+    stale = json.loads(out.read_text())
+    stale["trials"][1]["params"] = {"lr": 0.5}
+    out.write_text(json.dumps(stale))
+    calls.clear()
+    main_tune(task.name, ["sgd", "adamw"], 1, None, 32, None, out, True, "cpu", "cmd",
+              trials=4, resume=True)
+    assert calls == [("sgd", draw("sgd", 4)[1]["lr"])]
     with pytest.raises(SystemExit, match="budget"):
         main_tune(task.name, ["sgd"], 2, None, 32, None, out, True, "cpu", "cmd", trials=4,
                   resume=True)
