@@ -15,7 +15,7 @@ from tekfac.damping import DAMPING_KINDS
 from tekfac.layers import KroneckerLayer
 from tekfac.scaling import from_basis, to_basis
 from tekfac.state import LayerState
-from tekfac.truncation import kept_count, merge, scale, side_sizes, split, square_sums, truncated
+from tekfac.truncation import grid_sizes, kept_count, merge, scale, split, square_sums, truncated
 
 
 class Curvature:
@@ -45,12 +45,8 @@ class Curvature:
 
     def trace(self) -> Tensor:
         """``tr F̂ = Σ S`` (0-dim), each remainder entry counted for its piece's size."""
-        return (self._state.scaling * self._sizes()).sum()
-
-    def _sizes(self) -> Tensor:
         s = self._state
-        return side_sizes(s.basis_out, s.eig_out)[:, None] * side_sizes(s.basis_in, s.eig_in)[
-            None, :]
+        return (s.scaling * grid_sizes(s.basis_out, s.basis_in, s.scaling)).sum()
 
     def _truncated(self) -> bool:
         return truncated(self._state.basis_in) or truncated(self._state.basis_out)
@@ -58,7 +54,7 @@ class Curvature:
     def _kept(self) -> tuple[int, int]:
         """The kept vectors of the output and input sides."""
         s = self._state
-        return kept_count(s.basis_out, s.eig_out), kept_count(s.basis_in, s.eig_in)
+        return kept_count(s.basis_out, self.layer.d_out), kept_count(s.basis_in, self.layer.d_in)
 
     def _apply(self, matrix: Tensor, diagonal: Tensor, divide: bool) -> Tensor:
         """``M`` multiplied or divided piecewise by a diagonal on the extended grid."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from tekfac.truncation import side_sizes
+from tekfac.truncation import grid_sizes, side_sizes
 
 if TYPE_CHECKING:
     from tekfac.state import LayerState
@@ -57,8 +57,7 @@ class TraceRelativeDamping(DampingKind):
     """``D = S + max(γ tr F̂ / p, floor)`` (:func:`trace_relative_damping`)."""
 
     def damped(self, state, damping, floor):
-        size = side_sizes(state.basis_out, state.eig_out)[:, None] * side_sizes(
-            state.basis_in, state.eig_in)[None, :]
+        size = grid_sizes(state.basis_out, state.basis_in, state.scaling)
         return trace_relative_damping(state.scaling, damping, floor, size)
 
 

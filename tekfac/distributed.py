@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tekfac.state import BASIS_KEYS, state_shapes
+from tekfac.truncation import grid_length
 
 if TYPE_CHECKING:
     from tekfac.layers import KroneckerLayer
@@ -282,7 +283,7 @@ class WorkSplit:
         if self.owners is None and self.comm.active:
             owners = self.comm.assign([eigh_cost(m.shape[0]) for m in matrices])
             kept = kept or [len(m) for m in matrices]
-            templates = [[m.new_empty(k + int(k < len(m))), m.new_empty(len(m), k)]
+            templates = [[m.new_empty(grid_length(k, len(m))), m.new_empty(len(m), k)]
                          for m, k in zip(matrices, kept)]
             yield from self.comm.share(owners, compute, templates)
         else:

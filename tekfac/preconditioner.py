@@ -30,7 +30,7 @@ from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
 from tekfac.scaling import SCALING_KINDS
 from tekfac.state import LayerState, state_shapes
-from tekfac.truncation import truncate, with_remainder
+from tekfac.truncation import grid_length, truncate, with_remainder
 
 
 class Preconditioner:
@@ -389,8 +389,8 @@ class Preconditioner:
                     result = truncate(*result, k)
             if result is None:  # tell every rank, through non-finite values
                 m = matrices[i]
-                grid = k + int(k < len(m))
-                return [m.new_full((grid,), float("nan")), m.new_full((len(m), k), float("nan"))]
+                return [m.new_full((grid_length(k, len(m)),), float("nan")),
+                        m.new_full((len(m), k), float("nan"))]
             return list(result)
 
         kept = [la.kept(side) for la, side in dense]

@@ -16,8 +16,9 @@ from torch import Tensor
 from tekfac.factors import per_example_gradients
 from tekfac.truncation import (
     carry_weights,
+    grid_sizes,
+    kept_count,
     rank_one_square_sums,
-    sizes,
     split,
     square_sums,
     truncated,
@@ -130,16 +131,14 @@ def corrected_scaling(ex: Examples, basis_in: Tensor | None, basis_out: Tensor |
     t, d_out = ex.g.shape[1:]
     d_in = ex.layer.d_in
     if truncated(basis_in) or truncated(basis_out):  # block averages on the extended grid
-        k_out = basis_out.shape[1] if basis_out is not None else d_out
-        k_in = basis_in.shape[1] if basis_in is not None else d_in
+        k_out, k_in = kept_count(basis_out, d_out), kept_count(basis_in, d_in)
         if t == 1 and not ex.layer.diagonal_in:
             total = sum(rank_one_square_sums(g[:, 0], a[:, 0], basis_out, basis_in)
                         for a, g in ex.pieces())
         else:
             total = sum(square_sums(split(d, basis_out, basis_in), k_out, k_in)
                         for d in ex.gradients())
-        size = sizes(basis_out, d_out)[:, None] * sizes(basis_in, d_in)[None, :]
-        return total / size.to(total) / ex.n
+        return total / grid_sizes(basis_out, basis_in, total) / ex.n
     if t == 1 and basis_in is not None:
         total = sum(_rotated(g[:, 0], basis_out).square().T @ (a[:, 0] @ basis_in).square()
                     for a, g in ex.pieces())

@@ -18,6 +18,7 @@ from torch import Tensor
 from tekfac.factors import FactorStatistics
 from tekfac.layers import KroneckerLayer
 from tekfac.scaling import ScalingKind
+from tekfac.truncation import grid_length
 
 
 @dataclass
@@ -122,7 +123,7 @@ def state_shapes(layer: KroneckerLayer) -> dict[str, tuple[int, ...]]:
     has a vector factor and no basis)."""
     d_in, d_out = layer.d_in, layer.d_out
     k_in, k_out = layer.kept("in"), layer.kept("out")
-    grid_in, grid_out = k_in + int(k_in < d_in), k_out + int(k_out < d_out)  # + remainder
+    grid_in, grid_out = grid_length(k_in, d_in), grid_length(k_out, d_out)
     shapes = {"factor_in": (d_in,) if layer.diagonal_in else (d_in, d_in),
               "factor_out": (d_out,) if layer.diagonal_out else (d_out, d_out), "scale": (),
               "basis_in": (d_in, k_in), "basis_out": (d_out, k_out), "eig_in": (grid_in,),

@@ -1,4 +1,4 @@
-"""Rank-k eigenbases with an isotropic remainder (issue #17 item 4; work in progress).
+"""Rank-k eigenbases with an isotropic remainder (``basis_rank``, docs/design.md §2(d)).
 
 A side of a block keeps ``k < d`` eigenvectors ``U (d, k)`` of its factor; the rest of the
 spectrum is one value on the complement ``W = range(U)^⊥`` (dimension ``d - k``). The block
@@ -151,16 +151,29 @@ def rank_one_square_sums(g: Tensor, a: Tensor, basis_out: Tensor | None,
     return _coordinates(g, basis_out).T @ _coordinates(a, basis_in)
 
 
-def side_sizes(basis: Tensor | None, eigenvalues: Tensor) -> Tensor:
-    """:func:`sizes` of a side from its basis and (extended) eigenvalues, in their dtype."""
+def side_sizes(basis: Tensor | None, like: Tensor) -> Tensor:
+    """:func:`sizes` of a side from its basis, for a vector ``like`` along its extended grid
+    (its eigenvalues, a row of ``S``), in ``like``'s dtype."""
     if truncated(basis):
-        return sizes(basis, basis.shape[0]).to(eigenvalues)
-    return torch.ones_like(eigenvalues)
+        return sizes(basis, basis.shape[0]).to(like)
+    return torch.ones_like(like)
 
 
-def kept_count(basis: Tensor | None, eigenvalues: Tensor) -> int:
-    """The kept vectors of a side (its width for a diagonal or full side)."""
-    return basis.shape[1] if basis is not None else len(eigenvalues)
+def grid_sizes(basis_out: Tensor | None, basis_in: Tensor | None, grid: Tensor) -> Tensor:
+    """:func:`sizes` of both sides as a matrix the shape of the extended ``grid``
+    ``(k_out + r_out, k_in + r_in)``: the unit directions of ``F̂`` each entry stands for."""
+    return side_sizes(basis_out, grid[:, 0])[:, None] * side_sizes(basis_in, grid[0])[None, :]
+
+
+def grid_length(k: int, d: int) -> int:
+    """The extended grid's length on a side of width ``d`` keeping ``k`` vectors: ``k``, plus
+    one remainder index if ``k < d``."""
+    return k + int(k < d)
+
+
+def kept_count(basis: Tensor | None, d: int) -> int:
+    """The kept vectors of a side of width ``d`` (``d`` for a diagonal or full side)."""
+    return basis.shape[1] if basis is not None else d
 
 
 def carry_weights(new: Tensor | None, old: Tensor | None, d: int) -> Tensor:

@@ -68,6 +68,9 @@ DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
 
 KRONECKER_SETTINGS = dict(momentum=0.9, kl_clip=1e-3, stat_decay=0.95, cov_update_freq=10,
                           eigen_update_freq=100, scale_update_freq=10, fisher="mc")
+#: Kronecker options a trial's values may set (JSON numbers, passed on as ints).
+_INTEGER_OPTIONS = ("cov_update_freq", "eigen_update_freq", "scale_update_freq",
+                    "basis_refresh_freq", "basis_rank")
 
 
 class MissingExtraError(ImportError):
@@ -166,15 +169,13 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
                                   preconditioning_compute_steps=100)
     if name in SECOND_ORDER:
         settings = {**KRONECKER_SETTINGS, **options}
-        for key in ("kl_clip", "cov_update_freq", "eigen_update_freq", "scale_update_freq"):
+        if "kl_clip" in hparams:
+            settings["kl_clip"] = hparams["kl_clip"]
+        for key in _INTEGER_OPTIONS:
             if key in hparams:
-                settings[key] = type(KRONECKER_SETTINGS[key])(hparams[key])
+                settings[key] = int(hparams[key])
         if hparams.get("damping_adaptive", 0.0) >= 0.5:
             settings["damping_adaptive"] = True
-        if "basis_refresh_freq" in hparams:
-            settings["basis_refresh_freq"] = int(hparams["basis_refresh_freq"])
-        if "basis_rank" in hparams:
-            settings["basis_rank"] = int(hparams["basis_rank"])
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

@@ -163,7 +163,7 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
               "this search space no longer draws; running them again", flush=True)
     result = dict(task=task.name, metric=f"validation {task.metric}", budget=budget,
                   spaces={o: {k: r._asdict() for k, r in SPACES[o].items()} for o in optimizers},
-                  fixed={o: fixed(task.name, o) for o in optimizers if fixed(task.name, o)},
+                  fixed={o: values for o in optimizers if (values := fixed(task.name, o))},
                   selection="fewest steps to the validation target; ties and trials that do "
                   "not reach it by the final validation metric; diverged trials last",
                   sampler=f"optuna.samplers.QMCSampler(qmc_type='sobol', scramble=True, "
