@@ -13,7 +13,8 @@ still draws, and runs the others.
 This module owns the result file format: a JSON object whose ``"chosen"`` member maps each
 optimizer to its values (read by :func:`load_hparams` and :func:`read_tuning_file`), with
 ``"trials"``, ``"spaces"``, ``"fixed"`` (the settings :data:`tekfac.bench.search.FIXED` adds to
-every trial), ``"budget"``, ``"command"``, ``"machine"`` and ``"wall_time_s"``.
+every trial), ``"budget"``, ``"command"``, ``"machine"``, ``"parts"`` (every invocation that
+wrote the file) and ``"wall_time_s"``.
 The files of the previous protocol (a grid of 9 points, 1 epoch) have the same ``"chosen"``
 member and stay readable.
 """
@@ -24,10 +25,17 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the atomic replace still applies
+    fcntl = None
 
 from tekfac.bench.data import Dataset, load_dataset, split_validation
 from tekfac.bench.optimizers import DEFAULT_HPARAMS
@@ -202,9 +210,11 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
     """``tekfac tune``: tune and write the result file after every trial.
 
     Without ``resume`` an existing file is replaced. With ``resume`` its trials of the same
-    budget are kept (and not rerun); the other optimizers' chosen values are kept too. The file's
-    ``"parts"`` lists every invocation that wrote it (command, machine, wall time);
-    ``"command"`` and ``"machine"`` are the latest, ``"wall_time_s"`` their sum.
+    budget are kept (and not rerun); the other optimizers' trials and chosen values are kept
+    too, read again from the file at every write, so that processes tuning different
+    optimizers of one task can share one file (:func:`_update_file`). The file's ``"parts"``
+    lists every invocation that wrote it (command, machine, start, wall time); ``"command"``
+    and ``"machine"`` are the latest, ``"wall_time_s"`` their sum.
 
     Raises:
         SystemExit: ``resume`` with a file of another budget, or of the previous protocol.
@@ -220,23 +230,26 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
             raise SystemExit(f"tekfac: cannot resume {path}: it is a tuning file of the "
                              "previous protocol (grid search); use another --out")
         done = [t for t in old["trials"] if t["optimizer"] in optimizers]
-    start = time.perf_counter()
-
-    earlier = _parts(old) if old is not None else []
+    start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat()
 
     def save(result: dict) -> None:
-        elapsed = time.perf_counter() - start
-        part = dict(command=command, machine=machine(), wall_time_s=elapsed)
-        full = dict(result, command=command, machine=part["machine"], parts=[*earlier, part],
-                    wall_time_s=elapsed + (old or {}).get("wall_time_s", 0))
-        if old is not None:
-            kept = [t for t in old["trials"] if t["optimizer"] not in optimizers]
-            full["trials"] = kept + result["trials"]
-            full["chosen"] = {**old["chosen"], **result["chosen"]}
-            full["spaces"] = {**old["spaces"], **result["spaces"]}
-            full["fixed"] = {**old.get("fixed", {}), **result["fixed"]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(full, indent=2) + "\n")
+        part = dict(command=command, machine=machine(), started=started,
+                    wall_time_s=time.perf_counter() - start)
+
+        def merged(current: dict | None) -> dict:
+            if current is None:
+                return dict(result, command=command, machine=part["machine"], parts=[part],
+                            wall_time_s=part["wall_time_s"])
+            parts = [p for p in _parts(current) if p.get("started") != started] + [part]
+            return dict(result, command=command, machine=part["machine"], parts=parts,
+                        wall_time_s=sum(p["wall_time_s"] for p in parts),
+                        trials=[t for t in current["trials"] if t["optimizer"] not in optimizers]
+                        + result["trials"],
+                        chosen={**current["chosen"], **result["chosen"]},
+                        spaces={**current["spaces"], **result["spaces"]},
+                        fixed={**current.get("fixed", {}), **result["fixed"]})
+
+        _update_file(path, merged, read=resume)
 
     result = tune(task, optimizers, epochs=epochs, train_size=train_size, data_dir=data_dir,
                   batch_size=batch_size, device=device, quiet=quiet, trials=trials,
@@ -244,6 +257,34 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
                   done_budget=None if old is None else old["budget"], save=save)
     save(result)
     return path
+
+
+def _update_file(path: Path, merged: Callable[[dict | None], dict], *, read: bool) -> None:
+    """Write ``merged(current)`` to ``path`` atomically (a reader never sees half a file), where
+    ``current`` is the file's content (``None`` if it does not exist or ``read`` is false).
+    The read and the write hold :func:`_folder_lock`, so that two ``tekfac tune --resume``
+    processes writing one file never lose each other's trials."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        current = json.loads(path.read_text()) if read and path.is_file() else None
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(merged(current), indent=2) + "\n")
+        os.replace(temporary, path)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` (``flock``); none where the platform has no
+    ``fcntl`` (Windows)."""
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _parts(old: dict) -> list[dict]:

@@ -269,6 +269,36 @@ def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
 
 
 @NEEDS_OPTUNA
+def test_two_tune_processes_share_one_file(tmp_path, monkeypatch):
+    """A second ``tekfac tune --resume`` (other optimizers) writes the file while the first
+    runs: neither loses the other's trials, chosen values or invocation."""
+    out = tmp_path / "t.json"
+    nested = []
+
+    def fake_run(task, split, optimizer, hparams, *args, **kw):
+        if optimizer == "sgd" and not nested:  # the other process finishes during this trial
+            nested.append(1)
+            main_tune("digits-mlp", ["adamw"], 1, None, 32, None, out, True, "cpu", "second",
+                      trials=2, resume=True)
+        return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
+                dict(step=10, test_metric=hparams["lr"], wall_time_s=1.0, diverged=False)]
+
+    monkeypatch.setattr(tune_module, "run", fake_run)
+    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
+        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
+        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+    main_tune("digits-mlp", ["sgd"], 1, None, 32, None, out, True, "cpu", "first", trials=2,
+              resume=True)
+    result = json.loads(out.read_text())
+    assert sorted((t["optimizer"], t["index"]) for t in result["trials"]) == [
+        ("adamw", 0), ("adamw", 1), ("sgd", 0), ("sgd", 1)]
+    assert set(result["chosen"]) == {"sgd", "adamw"} and set(result["spaces"]) == {"sgd", "adamw"}
+    assert sorted(p["command"] for p in result["parts"]) == ["first", "second"]
+    assert result["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in result["parts"]))
+    assert [f.name for f in tmp_path.iterdir()] == ["t.json"]  # no temporary file left
+
+
+@NEEDS_OPTUNA
 def test_tune_adds_the_fixed_settings_to_every_trial_of_their_optimizer(tmp_path, monkeypatch):
     seen = []
 
