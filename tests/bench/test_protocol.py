@@ -218,6 +218,20 @@ def test_runner_steps_in_a_closure_and_logs_the_damping_when_it_adapts():
     assert all("damping" not in r for r in fixed)
 
 
+def _trial_records(metric: float) -> list[dict]:
+    """A trial's run records as ``run`` returns them: before training and after 10 steps."""
+    return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
+            dict(step=10, test_metric=metric, wall_time_s=1.0, diverged=False)]
+
+
+def _fake_tuning(monkeypatch, fake_run) -> None:
+    """Let ``main_tune`` train with ``fake_run`` on a random 100-image data set."""
+    monkeypatch.setattr(tune_module, "run", fake_run)
+    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
+        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
+        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+
+
 @NEEDS_OPTUNA
 def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     task = TASKS["digits-mlp"]
@@ -226,13 +240,9 @@ def test_tune_records_every_trial_and_resumes(tmp_path, monkeypatch):
     def fake_run(task, split, optimizer, hparams, seed, epochs, batch_size, *args, **kw):
         calls.append((optimizer, hparams["lr"]))
         metric = 1 - abs(math.log10(hparams["lr"]) + 1.5)  # best near lr 0.03
-        return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
-                dict(step=10, test_metric=metric, wall_time_s=1.0, diverged=False)]
+        return _trial_records(metric)
 
-    monkeypatch.setattr(tune_module, "run", fake_run)
-    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
-        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
-        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+    _fake_tuning(monkeypatch, fake_run)
     out = tmp_path / "t.json"
     main_tune(task.name, ["sgd", "adamw"], 1, None, 32, None, out, True, "cpu", "cmd",
               trials=4)
@@ -280,13 +290,9 @@ def test_two_tune_processes_share_one_file(tmp_path, monkeypatch):
             nested.append(1)
             main_tune("digits-mlp", ["adamw"], 1, None, 32, None, out, True, "cpu", "second",
                       trials=2, resume=True)
-        return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
-                dict(step=10, test_metric=hparams["lr"], wall_time_s=1.0, diverged=False)]
+        return _trial_records(hparams["lr"])
 
-    monkeypatch.setattr(tune_module, "run", fake_run)
-    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
-        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
-        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+    _fake_tuning(monkeypatch, fake_run)
     main_tune("digits-mlp", ["sgd"], 1, None, 32, None, out, True, "cpu", "first", trials=2,
               resume=True)
     result = json.loads(out.read_text())
@@ -304,13 +310,9 @@ def test_tune_adds_the_fixed_settings_to_every_trial_of_their_optimizer(tmp_path
 
     def fake_run(task, split, optimizer, hparams, *args, **kw):
         seen.append((optimizer, dict(hparams)))
-        return [dict(step=0, test_metric=0.1, wall_time_s=0.0, diverged=False),
-                dict(step=10, test_metric=hparams["lr"], wall_time_s=1.0, diverged=False)]
+        return _trial_records(hparams["lr"])
 
-    monkeypatch.setattr(tune_module, "run", fake_run)
-    monkeypatch.setattr(tune_module, "load_dataset", lambda *a: Dataset(
-        "digits", torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long),
-        torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long), 10))
+    _fake_tuning(monkeypatch, fake_run)
     monkeypatch.setitem(search_module.FIXED, "digits-mlp", {"sgd": {"basis_rank": 7}})
     out = tmp_path / "t.json"
     main_tune("digits-mlp", ["sgd", "adamw"], 1, None, 32, None, out, True, "cpu", "cmd",
