@@ -237,16 +237,14 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
                     wall_time_s=time.perf_counter() - start)
 
         def merged(current: dict | None) -> dict:
-            if current is None:
-                return dict(result, command=command, machine=part["machine"], parts=[part],
-                            wall_time_s=part["wall_time_s"])
+            current = current or {}
             parts = [p for p in _parts(current) if p.get("started") != started] + [part]
             return dict(result, command=command, machine=part["machine"], parts=parts,
                         wall_time_s=sum(p["wall_time_s"] for p in parts),
-                        trials=[t for t in current["trials"] if t["optimizer"] not in optimizers]
-                        + result["trials"],
-                        chosen={**current["chosen"], **result["chosen"]},
-                        spaces={**current["spaces"], **result["spaces"]},
+                        trials=[t for t in current.get("trials", [])
+                                if t["optimizer"] not in optimizers] + result["trials"],
+                        chosen={**current.get("chosen", {}), **result["chosen"]},
+                        spaces={**current.get("spaces", {}), **result["spaces"]},
                         fixed={**current.get("fixed", {}), **result["fixed"]})
 
         _update_file(path, merged, read=resume)
@@ -289,7 +287,10 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 def _parts(old: dict) -> list[dict]:
     """The invocations that wrote the tuning file ``old``; a file written before ``"parts"``
-    existed counts as one, its ``"command"``, ``"machine"`` and ``"wall_time_s"``."""
+    existed counts as one, its ``"command"``, ``"machine"`` and ``"wall_time_s"``; no file
+    (``{}``) has none."""
+    if not old:
+        return []
     if "parts" in old:
         return old["parts"]
     return [dict(command=old["command"], machine=old["machine"], wall_time_s=old["wall_time_s"])]
