@@ -7,6 +7,8 @@ import json
 import math
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,14 +103,38 @@ def test_plots_are_written(tmp_path):
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_previous_protocol_tuning_files_stay_readable():
-    """The shipped files predate AdamW, Muon, SOAP and Shampoo: those take their defaults, so
-    that every preset runs (the quick preset once failed on a KeyError for 'adamw')."""
+def test_shipped_tuning_files_are_the_campaigns():
+    """The main job runs at the values benchmark v2's campaign chose (its committed files);
+    ``adam``, the previous protocol's baseline, is not in them and takes its defaults."""
+    results = Path(__file__).parents[2] / "docs" / "results" / "campaign-v2" / "tuned"
     for name in ("fmnist-cnn", "fmnist-autoencoder"):
         hparams, source = load_hparams(name)
-        assert set(hparams) == set(OPTIMIZERS)
-        assert hparams["adamw"] == DEFAULT_HPARAMS["adamw"]
-        assert source == f"{name}.json (defaults for adamw, muon, shampoo, soap: not in the file)"
+        assert hparams == {**read_tuning_file(tuning_path(name, results)),
+                           "adam": DEFAULT_HPARAMS["adam"]}
+        assert source == f"{name}.json (defaults for adam: not in the file)"
+        assert hparams["tekfac"] != DEFAULT_HPARAMS["tekfac"]
+
+
+def test_a_wheel_ships_the_tuning_files(tmp_path):
+    """Without them an installed (non-editable) ``tekfac bench`` silently used the defaults."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True,
+                   capture_output=True)
+    (wheel,) = tmp_path.glob("tekfac-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {f"tekfac/bench/tuned/{t}.json" for t in ("fmnist-cnn", "fmnist-autoencoder")}
+    assert shipped <= set(names)
+
+
+def test_previous_protocol_tuning_file_stays_readable():
+    """fmnist-vgg's shipped file predates AdamW, Muon, SOAP and Shampoo: those take their
+    defaults, so that the task runs (the quick preset once failed on a KeyError for 'adamw')."""
+    hparams, source = load_hparams("fmnist-vgg")
+    assert set(hparams) == set(OPTIMIZERS)
+    assert hparams["adamw"] == DEFAULT_HPARAMS["adamw"]
+    assert source == "fmnist-vgg.json (defaults for adamw, muon, shampoo, soap: not in the file)"
 
 
 def test_second_order_optimizers_are_the_library_methods():
