@@ -25,6 +25,7 @@ from tekfac.bench.tasks import TASKS
 from tekfac.bench.tune import TuningFileError, load_hparams, read_tuning_file, tuning_path
 from tekfac.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 CHEAP = ("fmnist-autoencoder", "fmnist-cnn", "fmnist-vgg", "digits-mlp", "text-gpt")
 
 
@@ -106,7 +107,7 @@ def test_plots_are_written(tmp_path):
 def test_shipped_tuning_files_are_the_campaigns():
     """The main job runs at the values benchmark v2's campaign chose (its committed files);
     ``adam``, the previous protocol's baseline, is not in them and takes its defaults."""
-    results = Path(__file__).parents[2] / "docs" / "results" / "campaign-v2" / "tuned"
+    results = ROOT / "docs" / "results" / "campaign-v2" / "tuned"
     for name in ("fmnist-cnn", "fmnist-autoencoder"):
         hparams, source = load_hparams(name)
         assert hparams == {**read_tuning_file(tuning_path(name, results)),
@@ -118,8 +119,7 @@ def test_shipped_tuning_files_are_the_campaigns():
 def test_a_wheel_ships_the_tuning_files(tmp_path):
     """Without them an installed (non-editable) ``tekfac bench`` silently used the defaults."""
     pytest.importorskip("setuptools")
-    root = Path(__file__).parents[2]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True,
                    capture_output=True)
     (wheel,) = tmp_path.glob("tekfac-*.whl")
