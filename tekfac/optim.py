@@ -26,7 +26,8 @@ _DAMPING_KEY = "damping"
 
 #: The options a param group may set (the constructor's values fill in the others). KL
 #: clipping and the curvature options belong to the whole model.
-GROUP_OPTIONS = ("lr", "momentum", "nesterov", "weight_decay", "decoupled_weight_decay")
+GROUP_OPTIONS = ("lr", "momentum", "nesterov", "weight_decay", "decoupled_weight_decay",
+                 "kl_clip_lr")
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -40,12 +41,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         ν = \\min\\Big(1, \\sqrt{\\frac{κ}{\\sum_p \\text{lr}_p^2 ⟨Δ_p, ∇_p⟩}}\\Big),
 
     the sum running over the tracked parameters ``p`` (weights and biases), ``lr_p`` the
-    *peak* learning rate of ``p``'s group (its ``initial_lr``, which a learning-rate scheduler
-    sets, else its ``lr``): one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with one group
-    and no scheduler. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
+    *reference* rate of ``p``'s group, its ``kl_clip_lr`` (by default the group's ``lr`` when
+    the group was made): one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with one group at
+    its starting rate. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
     ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov) at the *current* ``lr``: the trust region is
-    set at the peak rate and the schedule scales the clipped step, so a warm-up or decay acts
-    on the tracked layers even while the clip binds (docs/design.md §4.5). The last ν is
+    set at the reference rate and the current rate scales the clipped step, so a warm-up or
+    decay acts on the tracked layers even while the clip binds, whether a scheduler or a
+    hand-written loop sets ``lr`` (docs/design.md §4.5). The last ν is
     :attr:`kl_factor`. Every other parameter (BatchNorm,
     LayerNorm, excluded layers, ...) takes the same momentum step, with its group's options,
     on its raw gradient. Decoupled weight decay multiplies a parameter by
@@ -71,6 +73,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             it to the gradient before preconditioning.
         kl_clip: κ of the KL clipping (Ba et al. 2017), or ``None`` to turn it off; one
             bound for the whole model, not a group option.
+        kl_clip_lr: the learning rate at which ``kl_clip`` bounds the step (the peak of a
+            schedule); default ``None``: each group's ``lr`` when the group is made. A group
+            option, kept in ``param_groups`` (and so in checkpoints); set it to the schedule's
+            peak when the optimizer is built at another rate (``OneCycleLR``'s ``max_lr``).
         exclude: modules or module-name patterns left to the first-order rule.
         seed: seed of the MC label sampler; default ``torch.initial_seed()``.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, so that the
@@ -101,14 +107,15 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  params: Iterable[Tensor] | Iterable[dict] | None = None, lr: float = 0.01,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
-                 exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
+                 kl_clip_lr: float | None = None, exclude: Iterable[nn.Module | str] = (),
+                 seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  damping_adaptive: bool | DampingAdaptation = False,
                  distributed_mode: str = "replicated", **curvature_options: object):
         #: the damping's Levenberg–Marquardt schedule, ``None`` when it is fixed
         self.damping_adaptation = _adaptation(damping_adaptive, grad_scaler)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, kl_clip_lr=kl_clip_lr)
         _check_options(defaults)
         if kl_clip is not None:
             check_number("kl_clip", kl_clip, 0.0, low_open=True)
@@ -146,6 +153,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("kl_clip", None)
+            # before kl_clip_lr the reference rate was a scheduler's initial_lr, else the lr
+            group.setdefault("kl_clip_lr", group.get("initial_lr", group["lr"]))
 
     # ---------------------------------------------------------------- API
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
@@ -179,7 +188,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         :data:`GROUP_OPTIONS`; the constructor's values fill in the others. Every parameter
         must be the model's and in no other group. After construction that leaves the
         parameters that were frozen then (layers unfrozen for fine-tuning): they take the
-        first-order step, as a frozen layer got no Kronecker block."""
+        first-order step, as a frozen layer got no Kronecker block. The group's
+        ``kl_clip_lr`` is, unless given, its ``lr`` now."""
         if not isinstance(param_group, dict):
             raise TypeError(f"Invalid param group {param_group!r}: expected a dict with a "
                             "'params' entry")
@@ -201,6 +211,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             params = param_group["params"] = list(params)  # an iterator is read once
         self._check_new_parameters([params] if isinstance(params, Tensor) else params, where)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["kl_clip_lr"] is None:
+            group["kl_clip_lr"] = group["lr"]
 
     def _check_new_parameters(self, params: Iterable[object], where: str) -> None:
         """``ValueError`` unless every entry of ``params`` (a parameter or a ``(name,
@@ -266,8 +279,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         decay = {p: _coupled_decay(groups[p]) for la in pre.layers for p in la.params}
         pairs = pre.directions(decay)
         with stage("update"):
-            peaks = {p: groups[p].get("initial_lr", groups[p]["lr"]) for p in decay}
-            directions, self.kl_factor = _clipped(pairs, peaks, kl_clip)
+            references = {p: groups[p]["kl_clip_lr"] for p in decay}
+            directions, self.kl_factor = _clipped(pairs, references, kl_clip)
             before = {p: p.detach().clone() for p in groups if p.grad is not None} \
                 if adapting else {}
             for p, group in groups.items():
@@ -436,6 +449,8 @@ def _adaptation(option: object, grad_scaler: object) -> DampingAdaptation | None
 def _check_options(options: Mapping[str, object], where: str = "") -> None:
     """Validate the :data:`GROUP_OPTIONS` of the constructor (``where=""``) or of a group."""
     check_number(f"lr{where}", options["lr"], 0.0)
+    if options["kl_clip_lr"] is not None:
+        check_number(f"kl_clip_lr{where}", options["kl_clip_lr"], 0.0)
     check_number(f"weight_decay{where}", options["weight_decay"], 0.0)
     check_number(f"momentum{where}", options["momentum"], 0.0, 1.0, high_open=True)
     check_instance(f"nesterov{where}", options["nesterov"], bool, "True or False")
@@ -454,7 +469,8 @@ def _coupled_decay(group: Mapping[str, object]) -> float:
 def _clipped(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]], rates: Mapping[Tensor, float],
              kl_clip: float | None) -> tuple[dict[Tensor, Tensor], Tensor | None]:
     """Parameter → KL-clipped preconditioned direction ``νΔ``, for the tracked layers, from
-    their ``(∇, Δ)`` pairs and the (peak) learning rate of each parameter's group; and ``ν``
+    their ``(∇, Δ)`` pairs and the reference rate (``kl_clip_lr``) of each parameter's group;
+    and ``ν``
     (``None`` without clipping)."""
     directions = {la: d for la, (_, d) in pairs.items()}
     nu = None

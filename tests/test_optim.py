@@ -393,11 +393,9 @@ def test_state_dict_round_trips_every_statistic():
     assert all("momentum_buffer" in s for s in saved["state"].values())
 
 
-def test_checkpoints_of_release_0_1_0_keep_loading(method):
-    """``tests/data/checkpoint-0.1.0.pt`` was written by tekfac 0.1.0 (commit 7c2a4eb, before
-    the package was split into one module per concern): per method, the model and optimizer
-    state after 3 MC steps on the tiny CNN, and the parameters after 3 more. Loaded into this
-    version the 3 more steps must land on the same parameters."""
+def resume_release_0_1_0(method: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters after loading the 0.1.0 checkpoint of ``method`` into this version and
+    taking its 3 remaining steps, and the parameters 0.1.0 took them to."""
     saved = torch.load(Path(__file__).parent / "data" / "checkpoint-0.1.0.pt", weights_only=True)
     run = saved["runs"][method]
     net, _ = tiny_net("cnn")
@@ -406,8 +404,39 @@ def test_checkpoints_of_release_0_1_0_keep_loading(method):
     opt.load_state_dict(run["optim"])
     assert opt.preconditioner.steps == 3 and opt.preconditioner.fisher.seed == 7
     train(net, opt, saved["batches"][3:])
-    for p, expected in zip(net.parameters(), run["expected"], strict=True):
-        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+    return [p.detach() for p in net.parameters()], run["expected"]
+
+
+def test_checkpoints_of_release_0_1_0_keep_loading(method):
+    """``tests/data/checkpoint-0.1.0.pt`` was written by tekfac 0.1.0 (commit 7c2a4eb, before
+    the package was split into one module per concern): per method, the model and optimizer
+    state after 3 MC steps on the tiny CNN, and the parameters after 3 more. Loaded into this
+    version the 3 more steps must land on the same parameters."""
+    params, expected = resume_release_0_1_0(method)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-14)
+
+
+def test_the_stored_expectations_hold_for_any_eigensolver(method, monkeypatch):
+    """The stored parameters are machine-independent: another LAPACK may return any
+    orthonormal basis of an eigenspace (and other rounding), which EKFAC/TEKFAC's per-vector
+    scalings would see where eigenvalues are close. Emulated here by decomposing ``QᵀMQ`` for a
+    random orthogonal ``Q`` and rotating back: the same eigenproblem, another valid answer. The
+    checkpoint's batches (32 examples, full-rank factors with separated eigenvalues) make the
+    answer unique; on the first file's (8 examples, a rank-deficient input factor) EKFAC and
+    TEKFAC moved by 3e-5 here, as they did on another CPU."""
+    eigh = torch.linalg.eigh
+    gen = torch.Generator().manual_seed(0)
+
+    def another_eigensolver(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, _ = torch.linalg.qr(torch.randn(matrix.shape, dtype=matrix.dtype, generator=gen))
+        values, vectors = eigh(q.T @ matrix @ q)
+        return values, q @ vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", another_eigensolver)
+    params, expected = resume_release_0_1_0(method)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-14)
 
 
 def test_a_checkpoint_of_another_method_is_refused():

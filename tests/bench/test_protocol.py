@@ -205,6 +205,21 @@ def test_the_basis_options_and_intervals_reach_the_kronecker_optimizer():
     opt.preconditioner.remove_hooks()
 
 
+@pytest.mark.parametrize("name", ["kfac", "tekfac"])
+def test_the_benchmarks_kl_bound_sits_at_its_schedules_peak(name):
+    """The benchmark builds its scheduler on the optimizer's own rate, so the KL clip's
+    reference rate (``kl_clip_lr``, the rate at construction) is the scheduler's
+    ``initial_lr``, the reference of the rule before ``kl_clip_lr``: the tuned values describe
+    the same runs under both rules."""
+    model = TASKS["digits-mlp"].build()
+    opt = make_optimizer(name, model, {"lr": 0.3, "damping": 0.1, "kl_clip": 1e-3},
+                         "cross_entropy", 0.0)
+    warmup_cosine_schedule(opt, 100, 0.05)
+    assert [g["kl_clip_lr"] for g in opt.param_groups] == [g["initial_lr"] for g in
+                                                           opt.param_groups] == [0.3]
+    opt.preconditioner.remove_hooks()
+
+
 def test_runner_steps_in_a_closure_and_logs_the_damping_when_it_adapts():
     task = TASKS["digits-mlp"]
     hparams = {"lr": 0.1, "damping": 1e-2, "damping_adaptive": 1.0}

@@ -19,8 +19,8 @@ from tests.conftest import tiny_net, train
 
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
 gen = torch.Generator().manual_seed(1234)
-batches = [(torch.randn(8, 2, 5, 5, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (8,), generator=gen)) for _ in range(6)]
+batches = [(torch.randn(32, 2, 5, 5, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (32,), generator=gen)) for _ in range(6)]
 out = {"batches": batches, "runs": {}}
 for method in tekfac.METHODS:
     torch.manual_seed(0)
