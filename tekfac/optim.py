@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -23,6 +24,10 @@ from tekfac.profiling import stage
 
 _CURVATURE_KEY = "curvature"
 _DAMPING_KEY = "damping"
+_FORMAT_KEY = "format"
+#: The checkpoint format: 2 since issue #32 (momentum buffers hold the previous update, the
+#: statistics' average weights, the curvature of the loss as reduced); 1 before (no key).
+FORMAT = 2
 
 #: The options a param group may set (the constructor's values fill in the others). KL
 #: clipping and the curvature options belong to the whole model.
@@ -366,19 +371,23 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         return clips.pop()
 
     def _sgd_update(self, p: Tensor, d_p: Tensor, group: dict) -> None:
-        """``torch.optim.SGD``'s rule (no dampening) on the direction ``d_p``."""
+        """Momentum on the update, docs/design.md §4.6: ``u ← μ u + lr·d``, ``θ ← θ − u``
+        (Nesterov: ``θ ← θ − (lr·d + μ u)``); the buffer ``u`` is the previous update, each
+        direction entering at the rate of its own step. With a constant rate this is
+        ``torch.optim.SGD``'s rule (no dampening), whose buffer is ``u / lr``."""
         lr, momentum = group["lr"], group["momentum"]
         if group["decoupled_weight_decay"] and group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
+        update = d_p * lr
         if momentum:
             state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d_p.detach().clone()
+                buf = state["momentum_buffer"] = update.detach().clone()
             else:
-                buf.mul_(momentum).add_(d_p)
-            d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
-        p.add_(d_p, alpha=-lr)
+                buf.mul_(momentum).add_(update)
+            update = update.add(buf, alpha=momentum) if group["nesterov"] else buf
+        p.sub_(update)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -387,19 +396,29 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         damping under ``"damping"``."""
         state = super().state_dict()
         state[_CURVATURE_KEY] = self.preconditioner.state_dict()
+        state[_FORMAT_KEY] = FORMAT
         if self.damping_adaptation is not None:
             state[_DAMPING_KEY] = self.damping
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; ``ValueError`` if it does not match the model or the
-        param groups (their number and sizes, as ``torch.optim`` checks)."""
+        param groups (their number and sizes, as ``torch.optim`` checks).
+
+        A checkpoint of format 1 (before issue #32, tekfac 0.1.0 included) is converted, with
+        a warning that says what changed: its momentum buffers (``torch.optim.SGD``'s, in units
+        of the direction) become updates by their group's rate (exact while the rate is
+        constant), its statistics' averages continue as the plain EMA they were, and its
+        curvature is now read in the units of the loss (``c·F̂``, docs/design.md §3), which
+        changes the steps of a loss that averages ``K > 1`` terms per example unless ``lr``,
+        ``damping`` and ``kl_clip`` are multiplied by ``K``."""
         if _CURVATURE_KEY not in state_dict:
             raise ValueError("Invalid state_dict: no 'curvature' entry; it was not saved by a "
                              "tekfac optimizer")
         state_dict = dict(state_dict)
         curvature = state_dict.pop(_CURVATURE_KEY)
         damping = state_dict.pop(_DAMPING_KEY, None)
+        saved_format = state_dict.pop(_FORMAT_KEY, 1)
         previous = self.preconditioner.state_dict()
         self.preconditioner.load_state_dict(curvature)  # validates against the model first
         try:
@@ -407,9 +426,27 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         except (ValueError, KeyError, TypeError):
             self.preconditioner.load_state_dict(previous)
             raise
+        if saved_format < 2:
+            self._convert_format_1()
         if damping is not None and self.damping_adaptation is not None:  # else the constructor's
             pre = self.preconditioner
             pre.config = dataclasses.replace(pre.config, damping=float(damping))
+
+
+    def _convert_format_1(self) -> None:
+        """Momentum buffers of format 1 (``b``, with ``θ ← θ − lr·b``) as updates ``lr·b``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.mul_(group["lr"])
+        warnings.warn(
+            "tekfac: this checkpoint has format 1 (before tekfac's issue #32): its momentum "
+            "buffers were converted to updates (lr·b; exact while the rate is constant) and its "
+            "statistics' averages continue as plain EMAs. The curvature is now that of the loss "
+            "as reduced (c·F̂, docs/design.md §3): for a loss that averages K > 1 terms per "
+            "example (pixels, positions), multiply lr, damping and kl_clip by K to keep the "
+            "steps it took", stacklevel=3)
 
 
 def _value(loss: Tensor | float) -> float:

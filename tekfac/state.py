@@ -1,8 +1,9 @@
 """One layer's curvature state and its updates (docs/design.md §4.1–3); checkpoint keys.
 
 :class:`LayerState` holds a layer's running statistics, its current eigenbasis and the
-diagonal ``S`` in that basis, and knows how each is updated: an EMA of new statistics
-(:meth:`LayerState.fold_factors`, :meth:`LayerState.fold_scaling`) and the installation of a
+diagonal ``S`` in that basis, and knows how each is updated: a bias-corrected exponential
+average of new statistics (:meth:`LayerState.fold_factors`, :meth:`LayerState.fold_scaling`,
+docs/design.md §4.1) and the installation of a
 fresh eigendecomposition (:meth:`LayerState.install_basis`), with ``S`` following the basis as
 the scaling kind says. Its fields are the checkpoint format (:data:`STATE_KEYS`).
 """
@@ -30,26 +31,31 @@ class LayerState:
     the factor's entries.
 
     Attributes:
-        factor_in: EMA of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
-        factor_out: EMA of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
-        scale: EMA of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling replaces
-            ``δ``), 0-dim.
+        factor_in: average of the input-side factor ``A`` or ``Φ``, ``(d_in, d_in)``.
+        factor_out: average of the output-side factor ``G`` or ``Ψ``, ``(d_out, d_out)``.
+        scale: average of ``δ`` (ones for KFAC, and for TEKFAC, whose corrected scaling
+            replaces ``δ``), 0-dim.
+        factor_weight: the total weight ``w`` of the batches in the factors' average,
+            ``w ← β w + 1`` per update (``Σ_k β^k``), 0-dim float64.
         basis_in / basis_out: eigenvectors ``U_in (d_in, d_in)``, ``U_out (d_out, d_out)``
             (``None`` on a diagonal side).
         eig_in / eig_out: their eigenvalues, ``(d_in,)`` and ``(d_out,)``, clamped at 0.
         basis_scale: ``δ`` when the basis was computed, 0-dim.
         scaling: the diagonal ``S`` in the current basis, ``(d_out, d_in)``.
+        scaling_weight: the same total weight for a re-fitted ``S`` (EKFAC, TEKFAC).
     """
 
     factor_in: Tensor | None = None
     factor_out: Tensor | None = None
     scale: Tensor | None = None
+    factor_weight: Tensor | None = None
     basis_in: Tensor | None = None
     basis_out: Tensor | None = None
     eig_in: Tensor | None = None
     eig_out: Tensor | None = None
     basis_scale: Tensor | None = None
     scaling: Tensor | None = None
+    scaling_weight: Tensor | None = None
 
     @property
     def has_basis(self) -> bool:
@@ -57,14 +63,14 @@ class LayerState:
         return self.eig_out is not None
 
     def fold_factors(self, stats: FactorStatistics, decay: float) -> None:
-        """EMA of the factors and ``δ`` with weight ``decay`` on the old values; the first
-        update takes the batch estimate as it is (no identity prior)."""
-        first = self.factor_in is None
-        self.factor_in = stats.factor_in if first else _ema(self.factor_in, stats.factor_in,
-                                                            decay)
-        self.factor_out = stats.factor_out if first else _ema(self.factor_out,
-                                                              stats.factor_out, decay)
-        self.scale = stats.scale if first else _ema(self.scale, stats.scale, decay)
+        """Fold a batch's factors and ``δ`` into their averages, the batch ``k`` updates ago
+        weighted by ``decay^k`` (:func:`average`); the first update takes the batch estimate
+        as it is (no identity prior)."""
+        self.factor_weight = total_weight(self.factor_weight, self.factor_in, decay,
+                                          stats.factor_in.device)
+        self.factor_in = average(self.factor_in, stats.factor_in, self.factor_weight)
+        self.factor_out = average(self.factor_out, stats.factor_out, self.factor_weight)
+        self.scale = average(self.scale, stats.scale, self.factor_weight)
 
     def install_basis(self, eig_in: Tensor, basis_in: Tensor | None, eig_out: Tensor,
                       basis_out: Tensor | None, kind: ScalingKind) -> None:
@@ -78,8 +84,11 @@ class LayerState:
         self.eig_in, self.eig_out, self.basis_scale = eig_in, eig_out, self.scale
 
     def fold_scaling(self, estimate: Tensor, decay: float) -> None:
-        """EMA of a re-fitted ``S`` in the current basis (the first is taken as it is)."""
-        self.scaling = estimate if self.scaling is None else _ema(self.scaling, estimate, decay)
+        """Fold a re-fitted ``S`` in the current basis into its average, as
+        :meth:`fold_factors` does (the first is taken as it is)."""
+        self.scaling_weight = total_weight(self.scaling_weight, self.scaling, decay,
+                                           estimate.device)
+        self.scaling = average(self.scaling, estimate, self.scaling_weight)
 
     def drop_basis(self) -> None:
         """Forget the basis and ``S`` (a rank that does not own the layer keeps neither)."""
@@ -108,8 +117,27 @@ class LayerState:
         return cls(**{k: v.to(device) for k, v in entry.items()})
 
 
-def _ema(old: Tensor, new: Tensor, decay: float) -> Tensor:
-    return torch.lerp(new, old, decay)
+def total_weight(weight: Tensor | None, value: Tensor | None, decay: float,
+                 device: torch.device) -> Tensor:
+    """The total weight after one more update, ``β w + 1`` (on ``device``): 1 for the first
+    (``value`` is ``None``). A state saved before the weight was kept has averaged for long:
+    its weight is taken as converged, ``1/(1 - β)``, which continues the plain EMA it was."""
+    if value is None:
+        return torch.ones((), dtype=torch.float64, device=device)
+    if weight is None:
+        weight = torch.full((), 1 / (1 - decay), dtype=torch.float64, device=device)
+    return weight * decay + 1
+
+
+def average(old: Tensor | None, new: Tensor, weight: Tensor) -> Tensor:
+    """The bias-corrected exponential average ``X ← X + (X_batch − X)/w`` for the total
+    weight ``w = Σ_{k<n} β^k`` of ``n`` updates: each batch ``k`` updates old weighs
+    ``β^k / w``, so early averages are running means rather than dominated by the first batch
+    (kfac-jax's ``WeightedMovingAverage``; Martens & Grosse 2015 §5 use ``min(1 − 1/n, β)``);
+    for large ``n``, ``X ← β X + (1 − β) X_batch``."""
+    if old is None:
+        return new
+    return torch.lerp(old, new, weight.reciprocal().to(old.dtype))
 
 
 #: Checkpoint keys of a layer's state, in one place.
@@ -126,6 +154,7 @@ def state_shapes(layer: KroneckerLayer) -> dict[str, tuple[int, ...]]:
     grid_in, grid_out = grid_length(k_in, d_in), grid_length(k_out, d_out)
     shapes = {"factor_in": (d_in,) if layer.diagonal_in else (d_in, d_in),
               "factor_out": (d_out,) if layer.diagonal_out else (d_out, d_out), "scale": (),
+              "factor_weight": (), "scaling_weight": (),
               "basis_in": (d_in, k_in), "basis_out": (d_out, k_out), "eig_in": (grid_in,),
               "eig_out": (grid_out,), "basis_scale": (), "scaling": (grid_out, grid_in)}
     for side in ("in", "out"):

@@ -240,3 +240,62 @@ def test_mc_fisher_converges_to_true_fisher(loss, make_target):
         approx = pre.curvature(layer.module).dense()
         rel = (approx - exact).norm() / exact.norm()
         assert rel < 0.05, f"{loss} {name}: relative error {rel:.3f}"
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_statistics_are_a_bias_corrected_average(method):
+    """docs/design.md §4.1: after ``n`` updates with ``β = stat_decay`` a factor (and a
+    re-fitted scaling) is ``Σ_k β^k X_{n-k} / Σ_k β^k`` of the batch estimates: the second
+    update weighs the new batch by ``1/(1 + β)``, not by ``1 − β`` (which left the first batch
+    dominant for tens of steps). Checked against the dense references of every batch."""
+    beta = 0.9
+    net, shape = tiny_net("mlp")
+    batches = [(torch.randn(8, *shape, dtype=torch.float64), torch.randint(0, 3, (8,)))
+               for _ in range(4)]
+    refs = [layer_references(net, x, y) for x, y in batches]  # the parameters stay fixed
+    pre = tekfac.Preconditioner(net, method, **{**EVERY_STEP, "stat_decay": beta,
+                                                "eigen_update_freq": 10**6})
+    for x, y in batches:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        pre.update_curvature()
+    weights = torch.tensor([beta**k for k in range(3, -1, -1)], dtype=torch.float64)
+    weights /= weights.sum()
+    for layer in pre.layers:
+        state, module = pre.states[layer], layer.module
+        expected_a = sum(w * r[module].kfac_factors()[0] for w, r in zip(weights, refs))
+        expected_g = sum(w * r[module].kfac_factors()[1] for w, r in zip(weights, refs))
+        torch.testing.assert_close(state.factor_in, expected_a, **TOL)
+        torch.testing.assert_close(state.factor_out, expected_g, **TOL)
+        assert float(state.factor_weight) == pytest.approx(sum(beta**k for k in range(4)))
+        if method == "ekfac":  # one basis (the first batch's) throughout: S averages alike
+            q = rotation(pre.curvature(module))
+            expected_s = sum(w * torch.diagonal(q.T @ r[module].fisher @ q)
+                             for w, r in zip(weights, refs))
+            torch.testing.assert_close(state.scaling.reshape(-1), expected_s, **TOL)
+
+
+def test_a_state_saved_without_weights_continues_the_plain_ema():
+    """A checkpoint from before the weights were kept has no ``factor_weight``: it is taken
+    as converged, ``1/(1 − β)``, so the next update is ``β X + (1 − β) X_batch`` as then."""
+    beta = 0.9
+    net, shape = tiny_net("mlp")
+    batches = [(torch.randn(8, *shape, dtype=torch.float64), torch.randint(0, 3, (8,)))
+               for _ in range(2)]
+    ref = layer_references(net, *batches[1])
+    pre = tekfac.Preconditioner(net, "kfac", **{**EVERY_STEP, "stat_decay": beta})
+    for x, y in batches[:1]:
+        F.cross_entropy(net(x), y).backward()
+        pre.update_curvature()
+    saved = pre.state_dict()
+    for entry in saved["layers"].values():
+        del entry["factor_weight"]
+    pre.load_state_dict(saved)
+    old = {la: pre.states[la].factor_in.clone() for la in pre.layers}
+    x, y = batches[1]
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    pre.update_curvature()
+    for layer in pre.layers:
+        expected = beta * old[layer] + (1 - beta) * ref[layer.module].kfac_factors()[0]
+        torch.testing.assert_close(pre.states[layer].factor_in, expected, **TOL)

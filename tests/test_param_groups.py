@@ -87,7 +87,8 @@ def test_decay_and_no_decay_groups_take_the_hand_computed_step(method):
 
 def test_a_first_order_group_is_torch_sgd_with_its_own_options():
     """LayerNorm in its own group (lr, momentum, Nesterov, coupled decay) follows
-    ``torch.optim.SGD`` with those options exactly, whatever the other groups do."""
+    ``torch.optim.SGD`` with those options, whatever the other groups do (to rounding: at a
+    constant rate the momentum on updates is SGD's momentum on directions)."""
     net = small_net()
     norm = list(net[1].parameters())
     others = [p for p in net.parameters() if all(p is not q for q in norm)]
@@ -107,7 +108,7 @@ def test_a_first_order_group_is_torch_sgd_with_its_own_options():
         opt.step()
         sgd.step()
     for twin, p in zip(twins, norm):
-        assert torch.equal(p, twin)
+        torch.testing.assert_close(p, twin, rtol=1e-12, atol=1e-15)
 
 
 def test_a_scheduler_sets_each_groups_rate():
