@@ -34,6 +34,8 @@ class Capture:
         last_layer: the layer of the latest recorded call (the one nearest the outputs).
         examples: the example count of the latest call of a tracked layer, recorded or not
             (``None`` before the first).
+        width, positions: that call's output features (or channels) and its output
+            positions per example (``T``; 1 for an ``(N, d_out)`` output).
     """
 
     def __init__(self, model: nn.Module, layers: list[KroneckerLayer], keep_edges: bool):
@@ -42,6 +44,7 @@ class Capture:
         self.calls: dict[KroneckerLayer, list[Call]] = {}
         self.last_layer: KroneckerLayer | None = None
         self.examples: int | None = None
+        self.width = self.positions = 1
         self._forward = 0
         self._handles = [model.register_forward_pre_hook(self._count_forward)]
         self._handles += [layer.module.register_forward_hook(self._hook(layer))
@@ -53,6 +56,8 @@ class Capture:
     def _hook(self, layer: KroneckerLayer):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             self.examples = layer.batched(args[0]).shape[0]
+            self.width = layer.d_out
+            self.positions = output.numel() // max(self.examples * layer.d_out, 1)
             if not (self.recording and module.training and torch.is_grad_enabled()
                     and output.requires_grad):
                 return

@@ -1,7 +1,9 @@
 """The public curvature object of one layer (docs/design.md §2–§3).
 
-A layer's approximation is ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T``; its damped
-form replaces ``S`` by ``D`` (:mod:`tekfac.damping`). Vectors are row-major flattenings of
+A layer's approximation is ``c·F̂``, ``F̂ = (U_out ⊗ U_in) diag(vec S) (U_out ⊗ U_in)^T`` the
+per-example Fisher of §1 and ``c`` the multiplier that makes it the curvature of the loss as
+the user reduced it (§3); its damped form ``c·F̂ + λ`` replaces ``c·S`` by ``D``
+(:mod:`tekfac.damping`). Vectors are row-major flattenings of
 ``(d_out, d_in)`` matrices, so ``U_out ⊗ U_in`` is ``torch.kron(U_out, U_in)``.
 """
 
@@ -23,15 +25,19 @@ class Curvature:
 
     It reflects the latest eigendecomposition and scaling update: with update frequencies of
     one it is built from the latest statistics; otherwise the basis may lag the factors by up
-    to ``eigen_update_freq - 1`` steps, exactly as the preconditioner does.
+    to ``eigen_update_freq - 1`` steps, exactly as the preconditioner does. Everything it
+    returns is in the loss's units: ``multiplier`` (``c``) times the statistics ``S``.
     """
 
-    def __init__(self, layer: KroneckerLayer, state: LayerState, config: CurvatureConfig):
+    def __init__(self, layer: KroneckerLayer, state: LayerState, config: CurvatureConfig,
+                 multiplier: float = 1.0):
         if not state.has_basis or state.scaling is None:
             raise RuntimeError(f"Layer {layer.name!r} has no curvature yet: run at least one "
                                "optimizer step with statistics (a training-mode forward and "
                                "backward) first")
         self.layer, self._state, self._config = layer, state, config
+        #: ``c``: the curvature of the loss is ``c·F̂`` (docs/design.md §3)
+        self.multiplier = multiplier
 
     def eigenbasis(self) -> tuple[Tensor, Tensor]:
         """``(U_out, U_in)``: orthonormal, shapes ``(d_out, d_out)`` and ``(d_in, d_in)`` (the
@@ -40,13 +46,13 @@ class Curvature:
         return _or_identity(s.basis_out, s.eig_out), _or_identity(s.basis_in, s.eig_in)
 
     def scaling(self) -> Tensor:
-        """The undamped diagonal ``S`` of shape ``(d_out, d_in)``."""
-        return self._state.scaling
+        """The undamped diagonal ``c·S`` of shape ``(d_out, d_in)``."""
+        return self._state.scaling * self.multiplier
 
     def trace(self) -> Tensor:
-        """``tr F̂ = Σ S`` (0-dim), each remainder entry counted for its piece's size."""
+        """``tr(c·F̂) = c Σ S`` (0-dim), each remainder entry counted for its piece's size."""
         s = self._state
-        return (s.scaling * grid_sizes(s.basis_out, s.basis_in, s.scaling)).sum()
+        return (s.scaling * grid_sizes(s.basis_out, s.basis_in, s.scaling)).sum() * self.multiplier
 
     def _truncated(self) -> bool:
         return truncated(self._state.basis_in) or truncated(self._state.basis_out)
@@ -63,14 +69,17 @@ class Curvature:
         return merge(scale(pieces, diagonal, *self._kept(), divide), s.basis_out, s.basis_in)
 
     def damped_scaling(self) -> Tensor:
-        """The damped diagonal ``D`` of shape ``(d_out, d_in)``, docs/design.md §3."""
-        c = self._config
-        return DAMPING_KINDS[c.damping_type].damped(self._state, c.damping, c.damping_floor)
+        """The damped diagonal ``D`` of ``c·F̂`` with the damping ``λ``, shape
+        ``(d_out, d_in)``, docs/design.md §3: every damping kind has ``D(c·F̂, λ) =
+        c·D(F̂, λ/c)`` (its floor likewise ``/c``), which is how it is computed."""
+        c, config = self.multiplier, self._config
+        kind = DAMPING_KINDS[config.damping_type]
+        return kind.damped(self._state, config.damping / c, config.damping_floor / c) * c
 
     def dense(self, damped: bool = False) -> Tensor:
-        """``F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``, in
-        the row-major ``[W.flatten(1) | b]`` ordering."""
-        diagonal = self.damped_scaling() if damped else self._state.scaling
+        """``c·F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``,
+        in the row-major ``[W.flatten(1) | b]`` ordering."""
+        diagonal = self.damped_scaling() if damped else self.scaling()
         if self._truncated():  # column by column through the pieces
             d_out, d_in = self.layer.d_out, self.layer.d_in
             eye = torch.eye(d_out * d_in, dtype=diagonal.dtype, device=diagonal.device)
@@ -80,20 +89,20 @@ class Curvature:
         return (q * diagonal.reshape(-1)) @ q.T
 
     def quadratic_form(self, matrix: Tensor) -> Tensor:
-        """``vᵀ F̂ v`` for ``v`` the row-major flattening of a ``(d_out, d_in)`` matrix ``M``
+        """``vᵀ c·F̂ v`` for ``v`` the row-major flattening of a ``(d_out, d_in)`` matrix ``M``
         (undamped), as 0-dim tensor in the scaling's dtype:
 
-        .. math:: ⟨S, (U_{out}^T M U_{in})^{∘2}⟩.
+        .. math:: c ⟨S, (U_{out}^T M U_{in})^{∘2}⟩.
         """
         s = self._state
         if self._truncated():
             pieces = split(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
-            return (square_sums(pieces, *self._kept()) * s.scaling).sum()
+            return (square_sums(pieces, *self._kept()) * s.scaling).sum() * self.multiplier
         rotated = to_basis(matrix.to(s.scaling.dtype), s.basis_out, s.basis_in)
-        return (rotated.square() * s.scaling).sum()
+        return (rotated.square() * s.scaling).sum() * self.multiplier
 
     def precondition(self, matrix: Tensor) -> Tensor:
-        """Apply the damped inverse to a ``(d_out, d_in)`` matrix ``M``:
+        """Apply the damped inverse ``(c·F̂ + λ)^{-1}`` to a ``(d_out, d_in)`` matrix ``M``:
 
         .. math:: U_{out} \\big((U_{out}^T M U_{in}) ⊘ D\\big) U_{in}^T.
         """

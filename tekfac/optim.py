@@ -317,7 +317,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     and all(p in delta for p in layer.params)):
                 step = layer.matrix([delta[p] for p in layer.params])
                 quadratic += pre.curvature(layer.module).quadratic_form(step).cpu().double()
-        multiplier = pre.curvature_multiplier()
         new_loss = self._loss_after_step(closure, rng)
         owner = pre.work.owners is not None  # each rank holds its layers' share of the form
         world = pre.comm.size
@@ -325,7 +324,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             torch.tensor((new_loss - _value(loss)) / world, dtype=torch.float64),
             linear.cpu().double() / world,
             quadratic if owner else quadratic / world])).tolist()
-        actual, predicted = totals[0], totals[1] + 0.5 * multiplier * totals[2]
+        actual, predicted = totals[0], totals[1] + 0.5 * totals[2]  # c·F̂: the loss's units
         self.reduction_ratio = reduction_ratio(actual, predicted)
         damping = self.damping_adaptation.adapted(pre.config.damping, self.reduction_ratio,
                                                   pre.config.damping_floor)

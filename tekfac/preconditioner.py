@@ -197,14 +197,20 @@ class Preconditioner:
         self._bad_outputs = None
 
     def curvature_multiplier(self) -> float:
-        """``c`` such that ``c·F̂`` is the curvature of the user's loss, from the outputs
-        last given to :meth:`backward` and the example count of the latest call of a tracked
-        layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`)."""
-        if self._outputs_shape is None or self.capture.examples is None:
-            raise RuntimeError("The curvature of the loss needs the shape of its outputs: call "
-                               "optimizer.backward(loss, outputs) instead of loss.backward() "
-                               "(with either Fisher)")
-        return self.fisher.curvature_multiplier(self._outputs_shape, self.capture.examples)
+        """``c`` such that ``c·F̂`` is the curvature of the user's loss (docs/design.md §3),
+        from the outputs last given to :meth:`backward` and the example count of the latest
+        call of a tracked layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`).
+        After a plain ``loss.backward()`` (empirical Fisher) the loss is taken to be computed
+        from the output of the latest tracked layer called: its class axis, for the
+        categorical losses, is that layer's output features or channels."""
+        cap = self.capture
+        if cap.examples is None:
+            raise RuntimeError("The curvature of the loss needs a forward pass of the model "
+                               "first")
+        shape = self._outputs_shape
+        if shape is None:
+            shape = torch.Size((cap.examples, cap.width, cap.positions))
+        return self.fisher.curvature_multiplier(shape, cap.examples)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""
@@ -216,7 +222,9 @@ class Preconditioner:
         if not self.work.mine(layer):
             raise RuntimeError(f"Layer {layer.name!r} is held by rank {self.work.owners[layer]} "
                                "(distributed_mode='owner'); ask that rank")
-        return Curvature(layer, self.states[layer], self.config)
+        state = self.states[layer]
+        multiplier = self.curvature_multiplier() if state.has_basis else 1.0  # else it raises
+        return Curvature(layer, state, self.config, multiplier)
 
     def describe(self) -> str:
         """A table of the model's modules that have parameters of their own: which get a
@@ -268,7 +276,8 @@ class Preconditioner:
                    ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
         """``(∇, Δ)`` per layer that has a gradient: the ``(d_out, d_in)`` gradient matrix
         (plus ``wd·M``, with one ``weight_decay`` or one per parameter) and its
-        preconditioned form ``(F̂ + damping)^{-1} ∇``; a layer without curvature yet has
+        preconditioned form ``(c·F̂ + damping)^{-1} ∇`` (``c``: :meth:`curvature_multiplier`);
+        a layer without curvature yet has
         ``Δ = ∇``. In 'owner' mode each layer's owner preconditions it and broadcasts ``Δ``."""
         def decay(layer: KroneckerLayer) -> float | list[float]:
             if isinstance(weight_decay, Mapping):
@@ -279,11 +288,14 @@ class Preconditioner:
             grads = {la: g for la in self.layers
                      if (g := la.gradient_matrix(decay(la))) is not None}
 
+            multiplier = self.curvature_multiplier() if grads else 1.0
+
             def precondition(layer: KroneckerLayer) -> Tensor:
                 state = self.states[layer]
                 if state.scaling is None:
                     return grads[layer]
-                return Curvature(layer, state, self.config).precondition(grads[layer])
+                return Curvature(layer, state, self.config, multiplier).precondition(
+                    grads[layer])
 
             layers = list(grads)
             if self.work.owners is None:

@@ -205,9 +205,10 @@ def test_mc_fisher_converges_to_true_fisher(loss, make_target):
     """Many copies of one input in one batch: KFAC's factors are then exact up to MC noise.
 
     For one distinct input ``A`` is exactly ``a a^T`` and ``E_y[G]`` is the true Fisher's
-    output factor, so ``G ⊗ A`` converges to ``J^T H J`` (H: the loss's Fisher in output
-    space). 40,000 samples give a relative Frobenius error of about 1/sqrt(40000)·O(1);
-    we allow 5 %.
+    output factor, so the curvature ``c·G ⊗ A`` converges to ``J^T H J``, H the Hessian of the
+    per-example loss in output space (the loss's Fisher; ``c = 3`` for the losses averaged
+    over the 3 outputs, docs/design.md §3). 40,000 samples give a relative Frobenius error of
+    about 1/sqrt(40000)·O(1); we allow 5 %.
     """
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x = torch.randn(1, 3, dtype=torch.float64)
@@ -227,11 +228,11 @@ def test_mc_fisher_converges_to_true_fisher(loss, make_target):
     if loss == "cross_entropy":
         p = torch.softmax(f, 0)
         h = torch.diag(p) - torch.outer(p, p)
-    elif loss == "mse":  # l = (1/3)Σ(f-y)², y ~ N(f, ½): E[(2(f-y)/3)²] = (4/9)·½
-        h = torch.eye(3, dtype=f.dtype) * 2 / 9
-    else:  # mean over 3 outputs of BCE: gradient (σ - y)/3
+    elif loss == "mse":  # l = (1/3)Σ(f-y)²: Hessian (2/3)·I
+        h = torch.eye(3, dtype=f.dtype) * 2 / 3
+    else:  # mean over 3 outputs of BCE: Hessian diag(σ(1 - σ))/3
         s = torch.sigmoid(f)
-        h = torch.diag(s * (1 - s)) / 9
+        h = torch.diag(s * (1 - s)) / 3
     for layer in pre.layers:
         name = layer.name
         jw, jb = jac[f"{name}.weight"], jac[f"{name}.bias"]  # (3, d_out, d_in), (3, d_out)

@@ -1,7 +1,7 @@
 """Adaptive (Levenberg–Marquardt) damping, docs/design.md §3.
 
 The reduction ratio compares the loss change of the step taken with the quadratic model
-``∇Lᵀδ + ½ c δᵀF̂δ``. Checked against exact algebra: ``c·F̂`` is the curvature of the loss as
+``∇Lᵀδ + ½ δᵀ(c·F̂)δ``. Checked against exact algebra: ``c·F̂`` is the curvature of the loss as
 the user reduced it (output Hessians from ``torch.func``, every layout of the Fisher tests);
 ``δᵀF̂δ`` against ``dense()``; where ``c·F̂`` is the exact Hessian (a Linear layer, squared
 loss) ρ = 1 to rounding and the damping falls to its floor; a model that underestimates the
@@ -77,12 +77,22 @@ def test_curvature_multiplier_turns_the_expected_fisher_into_the_losss_curvature
                           rtol=1e-10, atol=1e-12), (c, expected)
 
 
-def test_the_multiplier_needs_the_outputs():
+@pytest.mark.parametrize(("loss", "layout"), CASES)
+def test_a_plain_backward_infers_the_multiplier_from_the_last_layer(loss, layout):
+    """After ``loss.backward()`` (empirical Fisher, no outputs given) ``c`` comes from the
+    output of the last tracked layer, its class axis that layer's features: the same ``c``
+    as from the outputs given to ``optimizer.backward`` in every layout of the Fisher tests."""
+    view, t = LAYOUTS[layout]
     net = sequence_model()
-    pre = tekfac.Preconditioner(net, "kfac", fisher="empirical")
-    F.cross_entropy(net(torch.randn(4, D, dtype=torch.float64)), torch.zeros(4).long()).backward()
-    with pytest.raises(RuntimeError, match=r"optimizer.backward\(loss, outputs\)"):
-        pre.curvature_multiplier()
+    x = torch.randn(N, t, D, dtype=torch.float64) if t > 1 else torch.randn(N, D,
+                                                                            dtype=torch.float64)
+    pre = tekfac.Preconditioner(net, "kfac", fisher="empirical", loss=loss)
+    outputs = loss_outputs(loss, view(net(x)))
+    user_loss(loss, outputs).backward()
+    inferred = pre.curvature_multiplier()
+    pre.backward(user_loss(loss, loss_outputs(loss, view(net(x)))), outputs)
+    assert inferred == pre.curvature_multiplier() == (t if loss in ("cross_entropy", "nll")
+                                                       else t * C)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -177,24 +187,24 @@ def adaptive_run(method: str, t: int, n: int, factor: float, steps: int, lr: flo
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("t", "n"), [(1, 1), (3, 1), (3, 4)])
 def test_ratio_is_one_where_the_model_is_exact_and_the_damping_falls_to_its_floor(method, t, n):
-    ratios, dampings = adaptive_run(method, t, n, factor=1.0, steps=20, lr=0.3 / (t * D_OUT))
+    ratios, dampings = adaptive_run(method, t, n, factor=1.0, steps=20, lr=0.3)
     assert ratios == pytest.approx([1.0] * len(ratios), abs=1e-7)
     assert dampings[-1] == 1e-6  # 0.1 halved 17 times, then the floor
 
 
 def test_a_model_that_underestimates_the_curvature_raises_the_damping():
-    """``c·F̂ = H/10``: with ``lr = 1/c`` the step ``≈ 10 H⁻¹∇`` overshoots: actual
+    """``c·F̂ = H/10``: with ``lr = 1`` the step ``≈ 10 H⁻¹∇`` overshoots: actual
     ``-10q + 50q``, predicted ``-10q + 5q`` (``q = ∇ᵀH⁻¹∇``), ``ρ ≈ -8``."""
-    ratios, dampings = adaptive_run("tekfac", 1, 1, factor=0.1, steps=3, lr=0.5, damping=1e-3,
+    ratios, dampings = adaptive_run("tekfac", 1, 1, factor=0.1, steps=3, lr=1.0, damping=1e-3,
                                     decay=0.9)
     assert ratios[0] == pytest.approx(-8.0, rel=0.05)
     assert dampings == pytest.approx([1e-3 / 0.9 ** k for k in (1, 2, 3)])
 
 
 def test_a_model_that_overestimates_the_curvature_lowers_the_damping():
-    """``c·F̂ = 10 H``: with ``lr = 1/c`` the step ``≈ H⁻¹∇/10`` is timid; actual
+    """``c·F̂ = 10 H``: with ``lr = 1`` the step ``≈ H⁻¹∇/10`` is timid; actual
     ``-q/10 + q/200``, predicted ``-q/10 + q/20``: ``ρ ≈ 1.9``."""
-    ratios, dampings = adaptive_run("tekfac", 1, 1, factor=10.0, steps=1, lr=0.5, damping=1e-3,
+    ratios, dampings = adaptive_run("tekfac", 1, 1, factor=10.0, steps=1, lr=1.0, damping=1e-3,
                                     decay=0.9)
     assert ratios[0] == pytest.approx(1.9, rel=0.05)
     assert dampings == pytest.approx([0.9e-3])

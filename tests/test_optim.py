@@ -291,6 +291,8 @@ def test_mc_capture_does_not_keep_layer_outputs_alive():
 
 
 def test_sum_reduction_gives_the_same_statistics():
+    """A summed loss has the statistics of its mean (per-example gradients either way) and
+    ``N`` times its curvature (docs/design.md §3)."""
     net, shape = tiny_net("cnn")
     twin = copy.deepcopy(net)
     every = dict(fisher="empirical", cov_update_freq=1, eigen_update_freq=1,
@@ -303,8 +305,9 @@ def test_sum_reduction_gives_the_same_statistics():
     pre_mean.update_curvature()
     pre_sum.update_curvature()
     for a, b in zip(pre_mean.layers, pre_sum.layers):
-        torch.testing.assert_close(pre_mean.curvature(a.module).dense(),
-                                   pre_sum.curvature(b.module).dense())
+        mean, summed = pre_mean.curvature(a.module), pre_sum.curvature(b.module)
+        assert (mean.multiplier, summed.multiplier) == (1.0, len(x))
+        torch.testing.assert_close(mean.dense(), summed.dense() / len(x))
 
 
 def test_factor_dtype_keeps_statistics_in_that_dtype():

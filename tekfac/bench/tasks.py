@@ -48,6 +48,9 @@ class Task:
             the training set less the validation split); ``--train-size`` overrides it.
         warmup_fraction: share of the steps with a linear learning-rate warm-up before the
             cosine decay (:func:`tekfac.bench.optimizers.warmup_cosine_schedule`).
+        loss_terms: ``K``, the terms each example's loss averages (784 pixels for the
+            autoencoder; 1 for a classifier): what converts values tuned before issue #32
+            into the curvature's units of today (:func:`tekfac.bench.tune.in_loss_units`).
         val_target: the validation target that scores tuning trials (steps to reach it);
             None: the test target. The documented rule, fixed before the campaign: the same
             value as the test target (the validation split is a random tenth of the training
@@ -69,6 +72,7 @@ class Task:
     train_size: int | None = None
     warmup_fraction: float = 0.05
     val_target: float | None = None
+    loss_terms: int = 1
 
     @property
     def validation_target(self) -> float:
@@ -159,7 +163,7 @@ TASKS: dict[str, Task] = {
         # autoencoder 22.66 (AdamW) -> 23.0. Validation targets: the same values (rule below).
         Task("fmnist-autoencoder", "fashion-mnist", models.autoencoder, "bce_with_logits",
              "test_reconstruction_error", False, target=23.0, weight_decay=0.0, epochs=2,
-             train_size=20480),
+             train_size=20480, loss_terms=784),
         Task("fmnist-cnn", "fashion-mnist", models.small_cnn, "cross_entropy",
              "test_accuracy", True, target=0.875, epochs=2, train_size=20480),
         Task("fmnist-vgg", "fashion-mnist", models.narrow_vgg, "cross_entropy",

@@ -38,12 +38,16 @@ except ImportError:  # Windows: no advisory locks; the atomic replace still appl
     fcntl = None
 
 from tekfac.bench.data import Dataset, load_dataset, split_validation
-from tekfac.bench.optimizers import DEFAULT_HPARAMS
+from tekfac.bench.optimizers import DEFAULT_HPARAMS, SECOND_ORDER
 from tekfac.bench.runner import Split, run
 from tekfac.bench.search import SPACES, TRIALS, draw, fixed, select, steps_to_target
 from tekfac.bench.tasks import TASKS, Task
 
 TUNED_DIR = Path(__file__).parent / "tuned"
+#: The units of the Kronecker methods' values a tuning file records (``"curvature_units"``):
+#: the curvature of the loss as reduced (issue #32). A file without it was tuned before, in
+#: the per-example Fisher's units, and is read through :func:`in_loss_units`.
+CURVATURE_UNITS = "loss"
 #: Share of the training set held out for validation, and the seed of that split.
 VAL_FRACTION, VAL_SEED = 0.1, 0
 
@@ -88,17 +92,32 @@ def read_tuning_file(path: Path, optimizers: Iterable[str] = ()) -> dict[str, di
         raise TuningFileError(f"--tuned {str(path.parent)!r} has no tuning file for {path.stem} "
                               f"(expected {path.name}, from tekfac tune --out)")
     try:
-        chosen = json.loads(path.read_text())["chosen"]
+        content = json.loads(path.read_text())
+        chosen = content["chosen"]
     except (ValueError, KeyError, TypeError):
         chosen = None
     if not isinstance(chosen, dict):
         raise TuningFileError(f"{path} is not a tuning file (no 'chosen' values); write it with "
                               "tekfac tune --out")
+    if content.get("curvature_units") != CURVATURE_UNITS:
+        chosen = in_loss_units(chosen, TASKS[path.stem].loss_terms if path.stem in TASKS else 1)
     missing = [o for o in optimizers if o not in chosen]
     if missing:
         raise TuningFileError(f"{path} has no values for {', '.join(missing)}; tune them (tekfac "
                               "tune --optimizers ...) or leave them out with --optimizers")
     return chosen
+
+
+def in_loss_units(chosen: dict[str, dict[str, float]], loss_terms: int
+                  ) -> dict[str, dict[str, float]]:
+    """Values tuned before issue #32, when the Kronecker methods preconditioned with the
+    per-example Fisher ``F̂`` of a loss averaging ``K = loss_terms`` terms per example, in
+    today's units (``K·F̂``, docs/design.md §3): their ``lr``, ``damping`` and ``kl_clip``
+    times ``K``, which takes the same preconditioned steps (the benchmark's damping is the
+    eigenvalue kind, whose λ is absolute). Other optimizers and options are unchanged."""
+    scaled = ("lr", "damping", "kl_clip")
+    return {name: ({k: v * loss_terms if k in scaled else v for k, v in values.items()}
+                   if name in SECOND_ORDER else values) for name, values in chosen.items()}
 
 
 def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
@@ -170,6 +189,7 @@ def tune(task: Task, optimizers: list[str], *, epochs: int, train_size: int | No
         print(f"tune {task.name}: {len(done) - len(records)} earlier trials have values that "
               "this search space no longer draws; running them again", flush=True)
     result = dict(task=task.name, metric=f"validation {task.metric}", budget=budget,
+                  curvature_units=CURVATURE_UNITS,
                   spaces={o: {k: r._asdict() for k, r in SPACES[o].items()} for o in optimizers},
                   fixed={o: values for o in optimizers if (values := fixed(task.name, o))},
                   selection="fewest steps to the validation target; ties and trials that do "
@@ -229,6 +249,10 @@ def main_tune(task_name: str, optimizers: list[str], epochs: int | None,
         if "spaces" not in old:
             raise SystemExit(f"tekfac: cannot resume {path}: it is a tuning file of the "
                              "previous protocol (grid search); use another --out")
+        if old.get("curvature_units") != CURVATURE_UNITS:
+            raise SystemExit(f"tekfac: cannot resume {path}: its Kronecker trials ran with the "
+                             "curvature in the units before issue #32 (docs/design.md §3); "
+                             "use another --out")
         done = [t for t in old["trials"] if t["optimizer"] in optimizers]
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat()
 

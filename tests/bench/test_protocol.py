@@ -356,3 +356,24 @@ def test_cli_rejects_a_baseline_whose_extra_is_missing(monkeypatch, capsys):
         main(["bench", "--preset", "smoke", "--optimizers", "soap"])
     assert info.value.code == 2
     assert "install the bench extra" in capsys.readouterr().err
+
+
+def test_a_tuning_file_from_before_the_loss_units_is_read_in_them(tmp_path):
+    """A file without ``curvature_units`` was tuned when the Kronecker methods preconditioned
+    with the per-example Fisher: on the autoencoder (784 pixels averaged) their lr, damping
+    and κ are read ×784, which takes the same steps now; a file of today is read as it is,
+    and other optimizers never change."""
+    values = {"kfac": {"lr": 0.1, "damping": 1e-2, "kl_clip": 1e-3, "damping_adaptive": 0.7},
+              "adamw": {"lr": 1e-3, "weight_decay": 0.1}}
+    path = tmp_path / "fmnist-autoencoder.json"
+    path.write_text(json.dumps({"chosen": values}))
+    old = tune_module.read_tuning_file(path)
+    assert old["kfac"] == pytest.approx({"lr": 78.4, "damping": 7.84, "kl_clip": 0.784,
+                                         "damping_adaptive": 0.7})
+    assert old["adamw"] == values["adamw"]
+    path.write_text(json.dumps({"chosen": values,
+                                "curvature_units": tune_module.CURVATURE_UNITS}))
+    assert tune_module.read_tuning_file(path) == values
+    cnn = tmp_path / "fmnist-cnn.json"
+    cnn.write_text(json.dumps({"chosen": values}))
+    assert tune_module.read_tuning_file(cnn) == values  # one term per example: unchanged
