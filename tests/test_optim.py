@@ -105,6 +105,33 @@ def test_without_tracked_layers_it_is_torch_sgd(nesterov, decoupled):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_acts_on_updates_each_at_its_own_rate(nesterov):
+    """docs/design.md §4.6: ``u ← μu + lr·d``, ``θ ← θ − u`` (Nesterov ``θ ← θ − (lr·d +
+    μu)``), the rule of every parameter (here all first-order, ``d`` the gradient). A step at
+    rate 0 (a warm-up's first) moves nothing and leaves nothing in the buffer, so the next
+    step is ``lr·d`` alone; ``torch.optim.SGD``'s buffer of directions would carry the first
+    direction into it at the new rate."""
+    net, shape = tiny_net("mlp")
+    opt = tekfac.KFAC(net, lr=0.0, momentum=0.9, nesterov=nesterov, exclude=["*"],
+                      fisher="empirical")
+    updates = []
+    for lr in (0.0, 0.1, 0.2):
+        opt.param_groups[0]["lr"] = lr
+        before = [p.detach().clone() for p in net.parameters()]
+        x, y = batch(shape)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        updates.append([(b - p.detach(), lr * p.grad) for b, p in zip(before, net.parameters())])
+    for (u0, _), (u1, d1), (u2, d2) in zip(*updates):
+        assert torch.equal(u0, torch.zeros_like(u0))
+        torch.testing.assert_close(u1, d1 * (1.9 if nesterov else 1.0), rtol=1e-12, atol=0)
+        buffer = 0.9 * d1 + d2
+        torch.testing.assert_close(u2, d2 + 0.9 * buffer if nesterov else buffer,
+                                   rtol=1e-12, atol=1e-15)
+
+
 def test_first_step_is_kl_clipped_natural_gradient(method):
     net, shape = tiny_net("cnn")
     before = copy.deepcopy(net)

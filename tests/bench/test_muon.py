@@ -30,9 +30,12 @@ def test_float32_iteration_is_the_quintic_iteration(shape):
     assert ours.dtype == torch.float32 and ours.shape == update.shape
     torch.testing.assert_close(ours.double(), _iteration_float64(update, 5), rtol=1e-5,
                                atol=1e-5)
-    # and torch's bfloat16 iteration computes the same map, to bfloat16's precision
+    # and torch's bfloat16 iteration computes the same map, to bfloat16's precision, which
+    # depends on the CPU's bfloat16 matmul kernel (oneDNN's AVX-512-BF16 or AMX, ARM's bf16,
+    # a float32-accumulating fallback): 0.019 of the largest entry on an AVX2 machine; a wrong
+    # map (coefficients, orientation, normalisation) is off by order one
     theirs = torch_muon._zeropower_via_newtonschulz(update, COEFFICIENTS, 5, 1e-7)
-    assert (theirs.float() - ours).abs().max() < 0.05 * ours.abs().max()
+    assert (theirs.float() - ours).abs().max() < 0.1 * ours.abs().max()
     # its singular values are near one (Muon's intent), not the update's
     s = torch.linalg.svdvals(ours)
     assert s.min() > 0.3 and s.max() < 1.3
@@ -54,6 +57,8 @@ def test_cpu_muon_steps_as_torch_muon_and_restores_torch_iteration():
         theirs.step()
     for w, c in zip(weights, copies, strict=True):
         assert not torch.equal(w, c)  # float32 against bfloat16 iterations
-        torch.testing.assert_close(w, c, rtol=0, atol=3e-3)
+        # 1.1e-3 on an AVX2 machine; the bound leaves room for other bfloat16 kernels, and
+        # a wrong step (each moves the weights by about 0.05) is far outside it
+        torch.testing.assert_close(w, c, rtol=0, atol=6e-3)
     assert torch_muon._zeropower_via_newtonschulz.__name__ == "_zeropower_via_newtonschulz"
     assert set(ours.state_dict()["state"][0]) == set(theirs.state_dict()["state"][0])
