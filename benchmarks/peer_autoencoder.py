@@ -171,7 +171,7 @@ def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
         damping, kl_clip = damping / k, (kl_clip and kl_clip / k)
     opt = tekfac.KroneckerOptimizer(
         model, args.method, lr=lr, momentum=args.momentum, damping=damping, kl_clip=kl_clip,
-        damping_type="pi", stat_decay=args.stat_decay, fisher=args.fisher,
+        damping_type=args.damping_type, stat_decay=args.stat_decay, fisher=args.fisher,
         loss="bce_with_logits", cov_update_freq=1, eigen_update_freq=args.eigen_every,
         scale_update_freq=1, factor_dtype=getattr(torch, args.factor_dtype), seed=args.seed)
     losses, errors, updates = [], [], []
@@ -211,6 +211,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps to run (the schedule always spans the budget of 320)")
     p.add_argument("--fisher", choices=["mc", "empirical"], default="mc")
     p.add_argument("--method", default="kfac", help="tekfac's method (kfac-jax runs KFAC)")
+    p.add_argument("--damping-type", default="pi",
+                   help="tekfac's damping_type (kfac-jax's is 'pi'; EKFAC/TEKFAC need another)")
     p.add_argument("--lr", type=float, default=1e-2, help="in the peer's units")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--damping", type=float, default=1e-2, help="in the peer's units")
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"values (peer's units): lr {args.lr}, momentum {args.momentum}, damping "
           f"{args.damping}, norm constraint {args.norm_constraint}, {args.schedule}, "
           f"{args.fisher} Fisher, statistics every step, inverses every {args.eigen_every}, "
-          f"EMA {args.stat_decay}; tekfac {args.method} in {args.units} units")
+          f"EMA {args.stat_decay}; tekfac {args.method} ({args.damping_type} damping) in "
+          f"{args.units} units")
     summary = {}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
