@@ -48,8 +48,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     the sum running over the tracked parameters ``p`` (weights and biases), ``lr_p`` the
     *reference* rate of ``p``'s group, its ``kl_clip_lr`` (by default the group's ``lr`` when
     the group was made): one ν for the whole model, ``lr² Σ_l ⟨Δ_l, ∇_l⟩`` with one group at
-    its starting rate. Then each parameter takes its group's SGD rule ``b ← μ b + νΔ``,
-    ``θ ← θ - lr·b`` (``νΔ + μ b`` with Nesterov) at the *current* ``lr``: the trust region is
+    its starting rate. Then each parameter takes its group's momentum step on the update,
+    ``u ← μ u + lr·νΔ``, ``θ ← θ - u`` (``θ ← θ - (lr·νΔ + μ u)`` with Nesterov; SGD's rule at
+    a constant rate, docs/design.md §4.6) at the *current* ``lr``: the trust region is
     set at the reference rate and the current rate scales the clipped step, so a warm-up or
     decay acts on the tracked layers even while the clip binds, whether a scheduler or a
     hand-written loop sets ``lr`` (docs/design.md §4.5). The last ν is
@@ -377,16 +378,19 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         lr, momentum = group["lr"], group["momentum"]
         if group["decoupled_weight_decay"] and group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
-        update = d_p * lr
-        if momentum:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = update.detach().clone()
-            else:
-                buf.mul_(momentum).add_(update)
-            update = update.add(buf, alpha=momentum) if group["nesterov"] else buf
-        p.sub_(update)
+        if not momentum:
+            p.add_(d_p, alpha=-lr)
+            return
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.mul(d_p.detach(), lr)
+        else:
+            buf.mul_(momentum).add_(d_p, alpha=lr)
+        if group["nesterov"]:
+            p.add_(d_p, alpha=-lr).add_(buf, alpha=-momentum)
+        else:
+            p.sub_(buf)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -430,7 +434,6 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if damping is not None and self.damping_adaptation is not None:  # else the constructor's
             pre = self.preconditioner
             pre.config = dataclasses.replace(pre.config, damping=float(damping))
-
 
     def _convert_format_1(self) -> None:
         """Momentum buffers of format 1 (``b``, with ``θ ← θ − lr·b``) as updates ``lr·b``."""
@@ -506,8 +509,7 @@ def _clipped(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]], rates: Mappi
              kl_clip: float | None) -> tuple[dict[Tensor, Tensor], Tensor | None]:
     """Parameter → KL-clipped preconditioned direction ``νΔ``, for the tracked layers, from
     their ``(∇, Δ)`` pairs and the reference rate (``kl_clip_lr``) of each parameter's group;
-    and ``ν``
-    (``None`` without clipping)."""
+    and ``ν`` (``None`` without clipping)."""
     directions = {la: d for la, (_, d) in pairs.items()}
     nu = None
     if kl_clip is not None and pairs:
