@@ -76,6 +76,14 @@ class Curvature:
         kind = DAMPING_KINDS[config.damping_type]
         return kind.damped(self._state, config.damping / c, config.damping_floor / c) * c
 
+    def isotropic_damping(self) -> float:
+        """The ``λ`` of the ``c·F̂ + λI`` that :meth:`damped_scaling` stands for, in the loss's
+        units: the damping, or the trace-relative kind's ``max(γ tr(c·F̂)/p, floor)`` (π-damping
+        is a factored approximation of ``+λI``, Martens & Grosse 2015 §6.3)."""
+        c, config = self.multiplier, self._config
+        kind = DAMPING_KINDS[config.damping_type]
+        return kind.isotropic(self._state, config.damping / c, config.damping_floor / c) * c
+
     def dense(self, damped: bool = False) -> Tensor:
         """``c·F̂`` (or its damped form) as a dense ``(p, p)`` matrix, ``p = d_out·d_in``,
         in the row-major ``[W.flatten(1) | b]`` ordering."""

@@ -34,6 +34,11 @@ class DampingKind:
         ``damping`` hyper-parameter (λ or γ) and the ``floor`` of relative dampings."""
         raise NotImplementedError
 
+    def isotropic(self, state: LayerState, damping: float, floor: float) -> float:
+        """The ``λ`` of the ``F̂ + λI`` that ``D`` stands for: the damping of the layer's
+        block in an exact quadratic model (the quadratic step rule, docs/design.md §4.7)."""
+        return damping
+
 
 class EigenvalueDamping(DampingKind):
     """``D = S + λ`` (:func:`eigenvalue_damping`)."""
@@ -60,6 +65,10 @@ class TraceRelativeDamping(DampingKind):
         size = grid_sizes(state.basis_out, state.basis_in, state.scaling)
         return trace_relative_damping(state.scaling, damping, floor, size)
 
+    def isotropic(self, state, damping, floor):
+        size = grid_sizes(state.basis_out, state.basis_in, state.scaling)
+        return float(trace_relative_lambda(state.scaling, damping, floor, size))
+
 
 #: Damping kind name → implementation (docs/design.md §3).
 DAMPING_KINDS: dict[str, DampingKind] = {
@@ -82,10 +91,17 @@ def trace_relative_damping(scaling: Tensor, gamma: float, floor: float,
 
     where ``tr F̂_l = Σ S`` and ``p_l = d_out·d_in`` (our reading of TKFAC's damping).
     """
+    return scaling + trace_relative_lambda(scaling, gamma, floor, size)
+
+
+def trace_relative_lambda(scaling: Tensor, gamma: float, floor: float,
+                          size: Tensor | None = None) -> Tensor:
+    """``λ_l = max(γ tr(F̂_l) / p_l, floor)`` (0-dim) of :func:`trace_relative_damping`;
+    ``size`` counts each entry of ``S`` for the eigenvalues it stands for (all ones by
+    default)."""
     if size is None:
         size = torch.ones_like(scaling)
-    lam = (gamma * (scaling * size).sum() / size.sum()).clamp(min=floor)
-    return scaling + lam
+    return (gamma * (scaling * size).sum() / size.sum()).clamp(min=floor)
 
 
 def pi_damping(eig_in: Tensor, eig_out: Tensor, scale: Tensor, damping: float,

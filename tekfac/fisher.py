@@ -36,11 +36,19 @@ if TYPE_CHECKING:
 
 
 class Likelihood(NamedTuple):
-    """A loss as a negative log-likelihood: a sampler of targets, the loss itself, and
-    whether its outputs have a class axis (dimension 1, or 0 for one unbatched example)."""
+    """A loss as a negative log-likelihood: a sampler of targets, the loss itself, the
+    Fisher of the outputs, and whether the outputs have a class axis (dimension 1, or 0 for
+    one unbatched example).
+
+    ``fisher_form(f, a, b)`` is ``Σ aᵀ F_f b`` summed over the terms (examples, positions,
+    pixels) of outputs ``f``, ``F_f = E_y[∇_f l ∇_f lᵀ]`` the Fisher of one term's
+    distribution w.r.t. its outputs, which for these losses is also the Hessian of ``l`` in
+    ``f`` (so that ``Jᵀ F_f J`` is the generalised Gauss–Newton matrix; for ``"nll"`` the two
+    agree along every direction that keeps the log-probabilities normalised)."""
 
     sample: Callable[[Tensor, torch.Generator], Tensor]
     loss: Callable[..., Tensor]
+    fisher_form: Callable[[Tensor, Tensor, Tensor], Tensor]
     class_axis: bool = False
 
 
@@ -73,6 +81,29 @@ def _class_dim(outputs: Tensor) -> int:
     return 1 if outputs.dim() > 1 else 0
 
 
+def _categorical_form(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``Σ aᵀ (diag p − p pᵀ) b`` over positions, ``p`` the softmax of the logits."""
+    dim = _class_dim(f)
+    p = torch.softmax(f, dim=dim)
+    return (p * a * b).sum() - ((p * a).sum(dim) * (p * b).sum(dim)).sum()
+
+
+def _categorical_log_form(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``Σ aᵀ diag(p) b``, ``p = exp f`` for log-probabilities ``f``."""
+    return (f.exp() * a * b).sum()
+
+
+def _gaussian_form(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``Σ 2 a b``: the Fisher (and Hessian) of ``(y − f)²`` is 2."""
+    return 2 * (a * b).sum()
+
+
+def _bernoulli_form(f: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``Σ σ(f)(1 − σ(f)) a b``."""
+    p = torch.sigmoid(f)
+    return (p * (1 - p) * a * b).sum()
+
+
 def _gaussian(f: Tensor, generator: torch.Generator) -> Tensor:
     noise = torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
     return f + math.sqrt(0.5) * noise
@@ -84,10 +115,12 @@ def _bernoulli(f: Tensor, generator: torch.Generator) -> Tensor:
 
 #: Loss name → its likelihood (the MC sampling distribution).
 LIKELIHOODS: dict[str, Likelihood] = {
-    "cross_entropy": Likelihood(_categorical, F.cross_entropy, class_axis=True),
-    "nll": Likelihood(_categorical_log, F.nll_loss, class_axis=True),
-    "mse": Likelihood(_gaussian, F.mse_loss),
-    "bce_with_logits": Likelihood(_bernoulli, F.binary_cross_entropy_with_logits),
+    "cross_entropy": Likelihood(_categorical, F.cross_entropy, _categorical_form,
+                                class_axis=True),
+    "nll": Likelihood(_categorical_log, F.nll_loss, _categorical_log_form, class_axis=True),
+    "mse": Likelihood(_gaussian, F.mse_loss, _gaussian_form),
+    "bce_with_logits": Likelihood(_bernoulli, F.binary_cross_entropy_with_logits,
+                                  _bernoulli_form),
 }
 
 

@@ -1,4 +1,5 @@
-"""The optimizer: preconditioning + KL clipping + momentum SGD (docs/design.md §4.4–6).
+"""The optimizer: preconditioning + KL clipping + momentum SGD, or the quadratic-model step
+(docs/design.md §4.4–7).
 
 :class:`KroneckerOptimizer` is one ``torch.optim.Optimizer`` composed from a
 :class:`tekfac.Preconditioner`; :class:`KFAC`, :class:`EKFAC`, :class:`TKFAC` and
@@ -10,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tekfac.config import check_instance, check_number
+from tekfac.config import check_choice, check_instance, check_number
 from tekfac.curvature import Curvature
 from tekfac.damping_adaptation import DampingAdaptation, reduction_ratio
 from tekfac.layers import KroneckerLayer
 from tekfac.preconditioner import Preconditioner
 from tekfac.profiling import stage
+from tekfac.quadratic import curvature_gram, inner_products, model_change, solve, weighted_gram
 
 _CURVATURE_KEY = "curvature"
 _DAMPING_KEY = "damping"
@@ -33,6 +35,9 @@ FORMAT = 2
 #: clipping and the curvature options belong to the whole model.
 GROUP_OPTIONS = ("lr", "momentum", "nesterov", "weight_decay", "decoupled_weight_decay",
                  "kl_clip_lr")
+#: How the step's size is chosen: ``"fixed"`` (the rate and momentum given, KL-clipped) or
+#: ``"quadratic"`` (the quadratic model's rate and momentum, docs/design.md §4.7).
+STEP_RULES = ("fixed", "quadratic")
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -59,6 +64,16 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     on its raw gradient. Decoupled weight decay multiplies a parameter by
     ``1 - lr·weight_decay`` before the step (AdamW style).
 
+    With ``step_rule="quadratic"`` the step is Martens & Grosse's (2015, §7) instead:
+    ``u ← lr·(αΔ + μu)``, ``θ ← θ − u`` for every parameter (``Δ`` the raw gradient, plus
+    coupled decay, for the untracked ones), with ``(α, μ)`` the minimiser of the quadratic
+    model of the loss (plus the coupled decay's ``η‖θ‖²/2``) along ``Δ`` and ``u``, damped by
+    each block's damping, with the loss's exact curvature ``Jᵀ F_f J`` (docs/design.md §4.7):
+    one ``(α, μ)`` for the whole model, :attr:`step_coefficients`; ``lr`` multiplies the
+    chosen step (default 1, a schedule on it acts as usual), the KL clip is off. It needs
+    ``optimizer.backward(loss, outputs)`` for every backward (with either Fisher), which keeps
+    the graph of ``outputs`` until the step: two more backward passes through it per step.
+
     With ``fisher="mc"`` (default) use ``optimizer.backward(loss, outputs)`` instead of
     ``loss.backward()``; with ``fisher="empirical"`` the ordinary loop works unchanged.
 
@@ -71,14 +86,20 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             every trainable parameter. Every trainable parameter of the model must be in
             exactly one group. A layer's weight and bias in different groups still share one
             Kronecker block and direction; each then takes its own group's step.
-        lr: learning rate (≥ 0).
-        momentum: momentum factor μ in ``[0, 1)``.
-        nesterov: use Nesterov momentum (needs ``momentum > 0``).
+        lr: learning rate (≥ 0); default 0.01, and 1 (a multiplier of the chosen step) with
+            ``step_rule="quadratic"``.
+        momentum: momentum factor μ in ``[0, 1)``. With ``step_rule="quadratic"`` any value
+            above 0 lets the quadratic model choose μ each step; 0 keeps no momentum (α only).
+            Every group then needs the same choice.
+        nesterov: use Nesterov momentum (needs ``momentum > 0``; not with the quadratic rule).
         weight_decay: L2 coefficient (≥ 0).
         decoupled_weight_decay: apply the decay to the parameters directly instead of adding
             it to the gradient before preconditioning.
         kl_clip: κ of the KL clipping (Ba et al. 2017), or ``None`` to turn it off; one
-            bound for the whole model, not a group option.
+            bound for the whole model, not a group option. Default ``"auto"``: 1e-3, and
+            off with ``step_rule="quadratic"`` (which refuses a κ: the model sets the step).
+        step_rule: ``"fixed"`` (default: the rate and momentum given) or ``"quadratic"``
+            (the quadratic model's, above).
         kl_clip_lr: the learning rate at which ``kl_clip`` bounds the step (the peak of a
             schedule); default ``None``: each group's ``lr`` when the group is made. A group
             option, kept in ``param_groups`` (and so in checkpoints); set it to the schedule's
@@ -110,21 +131,34 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, method: str = "tekfac", *,
-                 params: Iterable[Tensor] | Iterable[dict] | None = None, lr: float = 0.01,
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False, kl_clip: float | None = 1e-3,
-                 kl_clip_lr: float | None = None, exclude: Iterable[nn.Module | str] = (),
+                 params: Iterable[Tensor] | Iterable[dict] | None = None,
+                 lr: float | None = None, momentum: float = 0.9, nesterov: bool = False,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                 kl_clip: float | str | None = "auto", kl_clip_lr: float | None = None,
+                 step_rule: str = "fixed", exclude: Iterable[nn.Module | str] = (),
                  seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  damping_adaptive: bool | DampingAdaptation = False,
                  distributed_mode: str = "replicated", **curvature_options: object):
+        check_choice("step_rule", step_rule, STEP_RULES)
+        #: ``"fixed"`` or ``"quadratic"`` (see the class docstring)
+        self.step_rule = step_rule
+        quadratic = step_rule == "quadratic"
         #: the damping's Levenberg–Marquardt schedule, ``None`` when it is fixed
         self.damping_adaptation = _adaptation(damping_adaptive, grad_scaler)
+        if lr is None:
+            lr = 1.0 if quadratic else 0.01
+        if kl_clip == "auto":
+            kl_clip = None if quadratic else 1e-3
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, kl_clip_lr=kl_clip_lr)
-        _check_options(defaults)
+        _check_options(defaults, step_rule=step_rule)
         if kl_clip is not None:
             check_number("kl_clip", kl_clip, 0.0, low_open=True)
+            if quadratic:
+                raise ValueError(f"Invalid kl_clip={kl_clip!r} with step_rule='quadratic': the "
+                                 "quadratic model chooses the step's size, which a KL bound "
+                                 "would override; leave kl_clip at its default (off)")
         self.preconditioner = Preconditioner(model, method, exclude=exclude, seed=seed,
                                              grad_scaler=grad_scaler,
                                              distributed_mode=distributed_mode,
@@ -146,6 +180,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         #: ρ of the last damping adaptation (``None`` before the first, or when the model
         #: predicted no decrease).
         self.reduction_ratio: float | None = None
+        #: ``(α, μ)`` the quadratic rule chose for the last step (``None`` before it, or with
+        #: the fixed rule)
+        self.step_coefficients: tuple[float, float] | None = None
+        self._graphs: list[Tensor] = []  # the outputs whose graphs the quadratic rule keeps
 
     @property
     def damping(self) -> float:
@@ -165,8 +203,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- API
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
         """``loss.backward()``, preceded on MC statistics steps by the sampled backward; see
-        :meth:`tekfac.Preconditioner.backward`."""
-        self.preconditioner.backward(loss, outputs)
+        :meth:`tekfac.Preconditioner.backward`. With ``step_rule="quadratic"`` the graph of
+        ``outputs`` is kept until the next :meth:`step`."""
+        pre = self.preconditioner
+        keep = self.step_rule == "quadratic" and not pre.probing
+        pre.backward(loss, outputs, retain_graph=keep)
+        if keep:
+            self._graphs.append(outputs)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module; see :class:`tekfac.curvature.Curvature`."""
@@ -211,7 +254,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if "params" not in param_group:
             raise ValueError(f"Invalid param group {len(self.param_groups)}: it has no "
                              "'params' entry")
-        _check_options({**self.defaults, **param_group}, where)
+        _check_options({**self.defaults, **param_group}, where, self.step_rule)
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # torch.optim refuses sets, unordered
             params = param_group["params"] = list(params)  # an iterator is read once
@@ -272,47 +315,146 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                                "outputs) and returns the loss (see the class docstring)")
         rng = _RngState(self._devices()) if adapting else None
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        kl_clip = self._kl_clip()
-        groups = {p: group for group in self.param_groups for p in group["params"]}
-        cause = pre.bad_step([p.grad for p in groups if p.grad is not None])
-        if cause is not None:
-            pre.skip_step(cause)
-            return loss
-        pre.update_curvature()
-        decay = {p: _coupled_decay(groups[p]) for la in pre.layers for p in la.params}
-        pairs = pre.directions(decay)
-        with stage("update"):
-            references = {p: groups[p]["kl_clip_lr"] for p in decay}
-            directions, self.kl_factor = _clipped(pairs, references, kl_clip)
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            kl_clip = self._kl_clip()
+            groups = {p: group for group in self.param_groups for p in group["params"]}
+            cause = pre.bad_step([p.grad for p in groups if p.grad is not None])
+            if cause is not None:
+                pre.skip_step(cause)
+                return loss
+            if self.step_rule == "quadratic" and not self._graphs:
+                raise RuntimeError("step_rule='quadratic' needs the graph of the model's "
+                                   "outputs: call optimizer.backward(loss, outputs) instead of "
+                                   "loss.backward() (with either Fisher)")
+            pre.update_curvature()
+            decay = {p: _coupled_decay(groups[p]) for la in pre.layers for p in la.params}
+            pairs = pre.directions(decay)
             before = {p: p.detach().clone() for p in groups if p.grad is not None} \
                 if adapting else {}
-            for p, group in groups.items():
-                if p.grad is None:
-                    continue
-                d_p = directions.get(p)
-                if d_p is None:
-                    coupled = _coupled_decay(group)
-                    d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
-                self._sgd_update(p, d_p, group)
+            predicted = None
+            if self.step_rule == "quadratic":
+                with stage("quadratic"):
+                    predicted = self._quadratic_step(pairs, groups)
+            else:
+                with stage("update"):
+                    self._fixed_step(pairs, groups, kl_clip)
+        finally:
+            self._graphs.clear()
         if adapting:
             with stage("damping"):
-                self._adapt_damping(closure, loss, before, rng)
+                self._adapt_damping(closure, loss, before, rng, predicted)
         return loss
+
+    def _fixed_step(self, pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]],
+                    groups: Mapping[Tensor, dict], kl_clip: float | None) -> None:
+        """The KL-clipped momentum step at the groups' rates (docs/design.md §4.5–6)."""
+        references = {p: groups[p]["kl_clip_lr"] for la in pairs for p in la.params}
+        directions, self.kl_factor = _clipped(pairs, references, kl_clip)
+        for p, group in groups.items():
+            if p.grad is None:
+                continue
+            d_p = directions.get(p)
+            if d_p is None:
+                coupled = _coupled_decay(group)
+                d_p = p.grad if coupled == 0 else p.grad.add(p, alpha=coupled)
+            self._sgd_update(p, d_p, group)
+
+    # ---------------------------------------------------------------- the quadratic rule
+    def _quadratic_step(self, pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]],
+                        groups: Mapping[Tensor, dict]) -> float | None:
+        """The quadratic model's step (docs/design.md §4.7); returns the undamped model's
+        change of the loss at the step taken (for the damping's ρ), or ``None`` when the
+        model was not finite and no parameter moved."""
+        pre = self.preconditioner
+        params = [p for p in groups if p.grad is not None]
+        lr = _shared(params, groups, "lr", "the step's multiplier")
+        adapt_momentum = _shared(params, groups, "momentum", "whether μ is chosen", bool)
+        tracked = {p: piece for la, (_, d) in pairs.items()
+                   for p, piece in zip(la.params, la.split(d))}
+        decay = [_coupled_decay(groups[p]) for p in params]
+        gradients = [p.grad for p in params]
+        objective = [g if eta == 0 else g.add(p, alpha=eta)
+                     for p, g, eta in zip(params, gradients, decay)]
+        vectors = [[tracked.get(p, d) for p, d in zip(params, objective)]]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        if adapt_momentum and any(b is not None for b in buffers):
+            vectors.append([torch.zeros_like(p) if b is None else b
+                            for p, b in zip(params, buffers)])
+        with torch.enable_grad():
+            curvature = curvature_gram(pre.config.loss, pre.config.reduction, self._graphs,
+                                       params, vectors)
+        tracked_damping, untracked_damping = self._damping_weights(params, pairs)
+        world = pre.comm.size
+        owner = pre.work.owners is not None  # each rank holds its layers' damping
+        damping_tracked = weighted_gram(vectors, tracked_damping)
+        reduced = pre.comm.sum(torch.stack([
+            curvature / world, damping_tracked if owner else damping_tracked / world]))
+        curvature = reduced[0]
+        damped = (curvature + reduced[1] + weighted_gram(vectors, untracked_damping)
+                  + weighted_gram(vectors, decay))
+        b = inner_products(objective, vectors)
+        w = solve(damped, b)
+        if not bool(torch.isfinite(damped).all() & torch.isfinite(b).all()
+                    & torch.isfinite(w).all()):
+            pre.warn_once("model", "non-finite quadratic model", "no parameter update this step")
+            return None
+        alpha, mu = float(w[0]), float(w[1]) if len(w) > 1 else 0.0
+        self.step_coefficients = (alpha, mu)
+        for i, p in enumerate(params):
+            group = groups[p]
+            if group["decoupled_weight_decay"] and group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            update = vectors[0][i].mul(lr * alpha)
+            if mu:
+                update.add_(vectors[1][i], alpha=lr * mu)
+            if adapt_momentum:
+                self.state[p]["momentum_buffer"] = update
+            p.sub_(update)
+        return model_change(curvature, inner_products(gradients, vectors), w * lr)
+
+    def _damping_weights(self, params: list[Tensor],
+                         pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]]
+                         ) -> tuple[list[float], list[float]]:
+        """Per parameter of ``params``, the ``λ`` of the quadratic model, split in two lists
+        (the other's entry 0): a tracked layer's on the ranks that hold its curvature, its
+        block's :meth:`~tekfac.curvature.Curvature.isotropic_damping` (the damping itself
+        before its first curvature); every other parameter's, the damping (its floor for
+        ``trace_relative``, whose γ is relative to a block)."""
+        pre, config = self.preconditioner, self.preconditioner.config
+        fallback = config.damping_floor if config.damping_type == "trace_relative" \
+            else config.damping
+        multiplier = pre.curvature_multiplier() if pairs else 1.0
+        layer_damping = {}
+        for layer in pairs:
+            state = pre.states[layer]
+            if not pre.work.mine(layer):
+                value = 0.0
+            elif state.has_basis and state.scaling is not None:
+                value = Curvature(layer, state, config, multiplier).isotropic_damping()
+            else:
+                value = fallback
+            layer_damping.update({p: value for p in layer.params})
+        tracked = [layer_damping.get(p, 0.0) for p in params]
+        untracked = [0.0 if p in layer_damping else fallback for p in params]
+        return tracked, untracked
 
     # ---------------------------------------------------------------- adaptive damping
     def _adapt_damping(self, closure: Callable[[], float], loss: float,
-                       before: dict[Tensor, Tensor], rng: _RngState) -> None:
+                       before: dict[Tensor, Tensor], rng: _RngState,
+                       predicted: float | None = None) -> None:
         """Compare the loss change of the step just taken (``θ - before``) with the quadratic
-        model's prediction and adapt the damping (docs/design.md §3)."""
+        model's prediction and adapt the damping (docs/design.md §3). The model is the
+        approximation's (``c·F̂``) unless the quadratic rule gives its exact ``predicted``
+        change (already the same on every rank)."""
         pre = self.preconditioner
         delta = {p: p.detach() - old for p, old in before.items()}
         linear = sum((torch.vdot(p.grad.reshape(-1), d.reshape(-1)) for p, d in delta.items()),
                      torch.zeros(()))
         quadratic = torch.zeros((), dtype=torch.float64)
-        for layer in pre.layers:
+        for layer in pre.layers if predicted is None else ():
             state = pre.states[layer]
             if (pre.work.mine(layer) and state.has_basis and state.scaling is not None
                     and all(p in delta for p in layer.params)):
@@ -325,7 +467,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             torch.tensor((new_loss - _value(loss)) / world, dtype=torch.float64),
             linear.cpu().double() / world,
             quadratic if owner else quadratic / world])).tolist()
-        actual, predicted = totals[0], totals[1] + 0.5 * totals[2]  # c·F̂: the loss's units
+        actual = totals[0]
+        if predicted is None:
+            predicted = totals[1] + 0.5 * totals[2]  # c·F̂: the loss's units
         self.reduction_ratio = reduction_ratio(actual, predicted)
         damping = self.damping_adaptation.adapted(pre.config.damping, self.reduction_ratio,
                                                   pre.config.damping_floor)
@@ -485,7 +629,8 @@ def _adaptation(option: object, grad_scaler: object) -> DampingAdaptation | None
     return adaptation
 
 
-def _check_options(options: Mapping[str, object], where: str = "") -> None:
+def _check_options(options: Mapping[str, object], where: str = "",
+                   step_rule: str = "fixed") -> None:
     """Validate the :data:`GROUP_OPTIONS` of the constructor (``where=""``) or of a group."""
     check_number(f"lr{where}", options["lr"], 0.0)
     if options["kl_clip_lr"] is not None:
@@ -498,6 +643,22 @@ def _check_options(options: Mapping[str, object], where: str = "") -> None:
     if options["nesterov"] and options["momentum"] == 0:
         raise ValueError(f"Invalid nesterov=True with momentum=0{where}: Nesterov needs "
                          "momentum > 0")
+    if options["nesterov"] and step_rule == "quadratic":
+        raise ValueError(f"Invalid nesterov=True with step_rule='quadratic'{where}: the "
+                         "quadratic model chooses the momentum of the update itself")
+
+
+def _shared(params: Sequence[Tensor], groups: Mapping[Tensor, dict], key: str, meaning: str,
+            kind: type = float) -> object:
+    """The value of group option ``key`` (as ``kind``) that every group of ``params`` must
+    share under the quadratic rule, which takes one step for the whole model."""
+    values = {kind(groups[p][key]) for p in params}
+    if len(values) > 1:
+        raise ValueError(f"Invalid param groups for step_rule='quadratic': their {key!r} "
+                         f"({meaning}) differ, {sorted(values)}, but the quadratic model "
+                         "chooses one step for the whole model; give every group the same "
+                         f"{key}")
+    return values.pop() if values else kind(0)
 
 
 def _coupled_decay(group: Mapping[str, object]) -> float:

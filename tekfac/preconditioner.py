@@ -121,9 +121,11 @@ class Preconditioner:
         return freq is not None and self._due(freq)
 
     # ---------------------------------------------------------------- user-facing calls
-    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+    def backward(self, loss: Tensor, outputs: Tensor, retain_graph: bool = False) -> None:
         """Backpropagate ``loss``; on MC statistics steps first backpropagate a loss at labels
         sampled from ``outputs`` to record the output gradients (docs/design.md §1).
+        ``retain_graph`` keeps the graph for later products with the Jacobian of ``outputs``
+        (the quadratic step rule).
 
         Afterwards ``.grad`` holds the gradient of ``loss`` only. ``outputs`` are the model's
         predictions that ``loss`` was computed from (logits for the classification losses).
@@ -154,7 +156,7 @@ class Preconditioner:
             if self.scaling_kind.refits and self._due(c.scale_update_freq) and self._basis_kept():
                 with stage("scaling"):
                     self.work.launch("scaling", self._scaling_statistics(micro))
-        loss.backward()
+        loss.backward(retain_graph=retain_graph)
 
     def step(self) -> bool:
         """Update the statistics that are due and precondition the gradients in place; or,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch.profiler import record_function
 
 #: The stages, in the order of a step.
-STAGES = ("statistics", "eigendecomposition", "scaling", "preconditioning", "update",
-          "damping")
+STAGES = ("statistics", "eigendecomposition", "scaling", "preconditioning", "quadratic",
+          "update", "damping")
 
 
 def stage(name: str) -> record_function:
