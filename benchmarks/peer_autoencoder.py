@@ -16,6 +16,12 @@ kfac-jax runs in a scratch environment, never a dependency of tekfac; set it up 
 with jax 0.10.x.) Then, from the project's environment::
 
     python benchmarks/peer_autoencoder.py [--fisher mc|empirical] [--steps 320] [--seeds 0 1]
+    python benchmarks/peer_autoencoder.py --adaptive [--damping 1.0] [--method tekfac]
+
+``--adaptive`` runs both with the quadratic-model step (kfac-jax's adaptive learning rate and
+momentum; tekfac's ``step_rule="quadratic"``) and Levenberg–Marquardt damping from ``--damping``
+(every 5 steps, factor 0.95⁵, bounds 1e-5 and 1000 in the peer's units), no schedule, no norm
+constraint: the issue's untuned reference.
 
 prints, per seed, both libraries' training loss (per-image sum, before each step) for the first
 ``--show`` steps, their largest relative gap over the run, and the test error every 40 steps.
@@ -117,17 +123,25 @@ def run_kfac_jax(args: argparse.Namespace, out: Path) -> None:
     params = model.init(key, train[:BATCH])
     initial = {f"{name}/{p}": np.asarray(v) for name, layer in params.items()
                for p, v in layer.items()}
+    if args.adaptive:
+        rule = dict(use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+                    use_adaptive_damping=True, initial_damping=args.damping, min_damping=1e-5,
+                    max_damping=1000.0, damping_adaptation_interval=5,
+                    damping_adaptation_decay=0.95)
+    else:
+        rule = dict(
+            learning_rate_schedule=(optax.constant_schedule(args.lr)
+                                    if args.schedule == "constant"
+                                    else optax.warmup_cosine_decay_schedule(
+                                        0.0, args.lr, BUDGET // 20, BUDGET, 0.0)),
+            momentum_schedule=optax.constant_schedule(args.momentum),
+            damping_schedule=optax.constant_schedule(args.damping),
+            norm_constraint=args.norm_constraint)
     optimizer = kfac_jax.Optimizer(
         value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
         estimation_mode="fisher_gradients" if args.fisher == "mc" else "fisher_empirical",
         inverse_update_period=args.eigen_every, curvature_ema=args.stat_decay,
-        num_burnin_steps=0, multi_device=False,
-        learning_rate_schedule=(optax.constant_schedule(args.lr) if args.schedule == "constant"
-                                else optax.warmup_cosine_decay_schedule(
-                                    0.0, args.lr, BUDGET // 20, BUDGET, 0.0)),
-        momentum_schedule=optax.constant_schedule(args.momentum),
-        damping_schedule=optax.constant_schedule(args.damping),
-        norm_constraint=args.norm_constraint)
+        num_burnin_steps=0, multi_device=False, **rule)
     state = optimizer.init(params, key, train[:BATCH])
     losses, errors, updates = [], [], []
     for step, x in batches(train, args.seed, args.steps):
@@ -169,23 +183,31 @@ def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
         lr, damping, kl_clip = lr / k, damping / k**2, (kl_clip and kl_clip / k**2)
     else:  # the curvature of tekfac's loss, 1/K of the per-image sum's
         damping, kl_clip = damping / k, (kl_clip and kl_clip / k)
+    if args.adaptive:  # the quadratic model's rate and momentum, LM damping (floor 1e-5)
+        rule = dict(step_rule="quadratic", damping_adaptive=True, damping_floor=1e-5 / k)
+    else:
+        rule = dict(lr=lr, momentum=args.momentum, kl_clip=kl_clip)
     opt = tekfac.KroneckerOptimizer(
-        model, args.method, lr=lr, momentum=args.momentum, damping=damping, kl_clip=kl_clip,
-        damping_type=args.damping_type, stat_decay=args.stat_decay, fisher=args.fisher,
-        loss="bce_with_logits", cov_update_freq=1, eigen_update_freq=args.eigen_every,
-        scale_update_freq=1, factor_dtype=getattr(torch, args.factor_dtype), seed=args.seed)
+        model, args.method, damping=damping, damping_type=args.damping_type,
+        stat_decay=args.stat_decay, fisher=args.fisher, loss="bce_with_logits",
+        cov_update_freq=1, eigen_update_freq=args.eigen_every, scale_update_freq=1,
+        factor_dtype=getattr(torch, args.factor_dtype), seed=args.seed, **rule)
     losses, errors, updates = [], [], []
     for step, x in batches(train, args.seed, args.steps):
         old = [torch.cat([la.weight.detach().flatten(), la.bias.detach()]) for la in linears]
-        for group in opt.param_groups:  # kfac-jax's norm constraint is at the current rate
-            group["lr"] = group["kl_clip_lr"] = rate(step, lr, args.schedule)
+        if not args.adaptive:  # kfac-jax's norm constraint is at the current rate
+            for group in opt.param_groups:
+                group["lr"] = group["kl_clip_lr"] = rate(step, lr, args.schedule)
         x = torch.from_numpy(x)
-        out = model(x)
-        loss = F.binary_cross_entropy_with_logits(out, x)
-        losses.append(loss.item() * k)
-        opt.zero_grad()
-        opt.backward(loss, out)
-        opt.step()
+
+        def closure(x=x):
+            opt.zero_grad()
+            out = model(x)
+            loss = F.binary_cross_entropy_with_logits(out, x)
+            opt.backward(loss, out)
+            return loss
+
+        losses.append(opt.step(closure).item() * k)
         updates.append([float((torch.cat([la.weight.detach().flatten(), la.bias.detach()]) - o)
                               .norm()) for la, o in zip(linears, old)])
         if (step + 1) % 40 == 0 or step + 1 == args.steps:
@@ -215,7 +237,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tekfac's damping_type (kfac-jax's is 'pi'; EKFAC/TEKFAC need another)")
     p.add_argument("--lr", type=float, default=1e-2, help="in the peer's units")
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--damping", type=float, default=1e-2, help="in the peer's units")
+    p.add_argument("--damping", type=float, default=1e-2,
+                   help="in the peer's units (the initial value with --adaptive)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="the quadratic-model step and LM damping (see above)")
     p.add_argument("--norm-constraint", type=float, default=1e-2,
                    help="kfac-jax's norm constraint (tekfac's kl_clip), in the peer's units")
     p.add_argument("--schedule", choices=["warmup-cosine", "constant"], default="warmup-cosine")
@@ -237,6 +262,8 @@ def peer_arguments(args: argparse.Namespace, seed: int, out: Path) -> list[str]:
               args.momentum, "--damping", args.damping, "--schedule", args.schedule,
               "--stat-decay", args.stat_decay, "--eigen-every", args.eigen_every,
               "--data-dir", args.data_dir, "--seed", seed, "--out", out]
+    if args.adaptive:
+        values += ["--adaptive"]
     if args.norm_constraint:
         values += ["--norm-constraint", args.norm_constraint]
     return [str(v) for v in values]
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "kfac-jax":
         run_kfac_jax(args, Path(args.out))
         return
-    if args.norm_constraint == 0:
+    if args.norm_constraint == 0 or args.adaptive:
         args.norm_constraint = None
     print(f"values (peer's units): lr {args.lr}, momentum {args.momentum}, damping "
           f"{args.damping}, norm constraint {args.norm_constraint}, {args.schedule}, "

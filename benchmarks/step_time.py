@@ -1,6 +1,7 @@
 """Per-step time of the six optimizers, its breakdown, its arithmetic floor and peak memory.
 
     python benchmarks/step_time.py [--quick] [--json] [--tasks ...] [--device cpu|cuda]
+                                   [--damping-adaptive] [--step-rule fixed|quadratic]
 
 For each task (one batch of 128 real training images, or noise if the data set is missing)
 and optimizer the script trains ``--steps`` steps after a warm-up, in ``--rounds`` rounds that
@@ -25,6 +26,10 @@ reports, in milliseconds per step amortised at the default update frequencies (s
   correlation), eigendecomposition (``9·d³``) and scaling work (counted below, per layer);
 * ``peak_mb``: the peak memory of live tensors in a separate short run (model, batch and
   optimizer state included; see :func:`peak_memory_mb`).
+
+With ``--step-rule quadratic`` the Kronecker methods take the quadratic-model step
+(docs/design.md §4.7: the graph is kept for two more backward passes, in the ``quadratic``
+column; no KL clip, rate multiplier 1).
 
 On CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
 """
@@ -53,9 +58,11 @@ from tekfac.profiling import STAGES
 COV, EIGEN = 10, 100
 #: set by ``--damping-adaptive``: the Kronecker methods adapt their damping (docs/design.md §3)
 DAMPING_ADAPTIVE = False
+#: set by ``--step-rule``: the Kronecker methods' step rule (docs/design.md §4.7)
+STEP_RULE = "fixed"
 BATCH = 128
 PHASES = ("forward", "backward", "statistics", "eigendecomposition", "scaling",
-          "preconditioning", "parameter step", "damping")
+          "preconditioning", "quadratic", "parameter step", "damping")
 #: the library's stages timed inside the benchmark's backward and step ranges ("update", the
 #: KL clip and momentum step, belongs to the parameter step)
 INNER = tuple(s for s in STAGES if s != "update")
@@ -130,6 +137,9 @@ def build(task_name: str, optimizer: str, device: str, batch: tuple[torch.Tensor
     model = task.build().to(device)
     x, y = (t.to(device, copy=True) for t in batch)
     hparams = {"lr": 1e-3, "damping": 0.1, "damping_adaptive": DAMPING_ADAPTIVE}
+    if STEP_RULE == "quadratic" and optimizer in SECOND_ORDER:
+        hparams["lr"] = 1.0
+        options = {"step_rule": "quadratic", "kl_clip": None, **options}
     opt = make_optimizer(optimizer, model, hparams, task.loss, task.weight_decay, **options)
     return task, model, x, y, opt
 
@@ -279,9 +289,12 @@ def main() -> None:
     parser.add_argument("--damping-adaptive", action="store_true",
                         help="the Kronecker methods adapt their damping (every 5 steps: one "
                              "more forward, in the 'damping' column)")
+    parser.add_argument("--step-rule", choices=["fixed", "quadratic"], default="fixed",
+                        help="the Kronecker methods' step rule (quadratic: two more backward "
+                             "passes per step, in the 'quadratic' column)")
     args = parser.parse_args()
-    global DAMPING_ADAPTIVE
-    DAMPING_ADAPTIVE = args.damping_adaptive
+    global DAMPING_ADAPTIVE, STEP_RULE
+    DAMPING_ADAPTIVE, STEP_RULE = args.damping_adaptive, args.step_rule
     steps = args.steps or (10 if args.quick else 100)
     steps = max(COV, steps - steps % COV)
     rounds = max(1, args.rounds or (1 if args.quick else 3))
