@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).parent.parent / "tekfac"
 #: The core modules, each importing only modules before it.
 ORDER = ["truncation", "chunks", "patch_moments", "layers", "records", "capture", "factors",
          "scaling", "state", "damping", "fisher", "linalg", "guards", "profiling", "config",
-         "curvature", "damping_adaptation", "distributed", "preconditioner", "optim", "__init__"]
+         "curvature", "damping_adaptation", "quadratic", "distributed", "preconditioner", "optim",
+         "__init__"]
 
 
 def imported(path: Path) -> set[str]:
