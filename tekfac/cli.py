@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="read each task's hyper-parameters from DIR/<task>.json (as "
                            "written by tekfac tune --out) instead of tekfac/bench/tuned/")
     bench_cmd.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
+    bench_cmd.add_argument("--step-rule", choices=["fixed", "quadratic"], default="fixed",
+                           help="quadratic: the Kronecker methods take the quadratic-model step "
+                                "(rate and momentum chosen each step, adaptive damping from "
+                                "0.1), untuned, whatever the tuning files say")
     bench_cmd.add_argument("--nproc", type=int, default=1,
                            help="data-parallel processes on this machine (gloo on CPU, NCCL on "
                            "CUDA); --batch-size stays the global batch. For several machines use "
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                     train_size=args.train_size, data_dir=args.data_dir, device=args.device,
                     out=args.out, resume=args.resume, tuned=args.tuned, quiet=args.quiet,
-                    command=command, evals_per_epoch=args.evals_per_epoch)
+                    command=command, evals_per_epoch=args.evals_per_epoch,
+                    step_rule=args.step_rule)
             else:
                 path = tune.main_tune(args.task, args.optimizers or list(OPTIMIZERS),
                                       args.epochs, args.train_size, args.batch_size,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tekfac.bench.data import Dataset, load_dataset
-from tekfac.bench.optimizers import OPTIMIZERS
+from tekfac.bench.optimizers import OPTIMIZERS, QUADRATIC_HPARAMS, SECOND_ORDER
 from tekfac.bench.processes import flushes_denormals
 from tekfac.bench.report import (
     finished_records,
@@ -63,7 +63,7 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
                seeds: int | None, epochs: int | None, batch_size: int, train_size: int | None,
                data_dir: str | None, device: str, out: Path | None, resume: bool,
                tuned: Path | None, quiet: bool, command: str,
-               evals_per_epoch: int = 4) -> None:
+               evals_per_epoch: int = 4, step_rule: str = "fixed") -> None:
     """``tekfac bench``: run a campaign and write its outputs.
 
     Args:
@@ -84,6 +84,9 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
         quiet: Plain log lines instead of progress bars.
         command: The command line, recorded in ``config.json``.
         evals_per_epoch: Test-set evaluations per epoch (time to target's resolution).
+        step_rule: ``"quadratic"``: the Kronecker methods take the quadratic-model step with
+            :data:`~tekfac.bench.optimizers.QUADRATIC_HPARAMS`, whatever the tuning files say
+            (docs/design.md §4.7).
 
     Raises:
         tekfac.bench.data.DataError: A data set cannot be loaded.
@@ -100,6 +103,10 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
     out = out or Path("results") / stamp
     datasets = {TASKS[t].dataset: load_dataset(TASKS[t].dataset, data_dir) for t in tasks}
     hparams = {t: load_hparams(t, tuned or TUNED_DIR) for t in tasks}
+    if step_rule == "quadratic":
+        hparams = {t: ({**h, **{m: dict(QUADRATIC_HPARAMS) for m in SECOND_ORDER}},
+                       f"{s}; Kronecker methods: quadratic rule, untuned")
+                   for t, (h, s) in hparams.items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     settings = dict(tasks=tasks, optimizers=optimizers, seeds=list(seeds), epochs=budgets,
                     batch_size=batch_size, train_size=sizes,

@@ -66,6 +66,11 @@ DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
     **{m: {"lr": 0.01, "damping": 0.1} for m in SECOND_ORDER},
 }
 
+#: The Kronecker methods' values with ``tekfac bench --step-rule quadratic`` (no tuning file):
+#: the quadratic model's step at multiplier 1, Levenberg–Marquardt damping from the library's
+#: default 0.1 (docs/design.md §3, §4.7).
+QUADRATIC_HPARAMS = {"lr": 1.0, "damping": 0.1, "damping_adaptive": 1.0, "quadratic": 1.0}
+
 KRONECKER_SETTINGS = dict(momentum=0.9, kl_clip=1e-3, stat_decay=0.95, cov_update_freq=10,
                           eigen_update_freq=100, scale_update_freq=10, fisher="mc")
 #: Kronecker options a trial's values may set (JSON numbers, passed on as ints).
@@ -134,7 +139,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
     """Build optimizer ``name`` for ``model``.
 
     ``hparams`` holds ``lr`` and, optionally, ``weight_decay`` (else the task's
-    ``weight_decay``); for the Kronecker methods also ``damping`` and optionally ``kl_clip``.
+    ``weight_decay``); for the Kronecker methods also ``damping`` and optionally ``kl_clip``,
+    ``damping_adaptive`` and ``quadratic`` (the quadratic step rule; both on from 0.5).
     ``options`` go to the Kronecker methods (e.g. ``distributed_mode``).
 
     Raises:
@@ -176,6 +182,8 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
                 settings[key] = int(hparams[key])
         if hparams.get("damping_adaptive", 0.0) >= 0.5:
             settings["damping_adaptive"] = True
+        if hparams.get("quadratic", 0.0) >= 0.5:  # the model sets the step: no KL clip
+            settings.update(step_rule="quadratic", kl_clip=None)
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

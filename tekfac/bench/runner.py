@@ -14,7 +14,8 @@ value at the record (the second evaluation of the batch is timed with the step);
 ``measure_memory`` the first record
 of a single-process run holds ``peak_memory_mb`` (:func:`peak_memory_mb`). A run whose loss
 becomes non-finite stops and is marked ``diverged``. The learning rate follows
-:func:`warmup_cosine_schedule` over the whole run.
+:func:`warmup_cosine_schedule` over the whole run, except under the quadratic step rule
+(docs/design.md §4.7), which chooses its own rate: its multiplier ``lr`` stays constant.
 
 Inside an initialised process group (``tekfac bench --nproc N`` or ``torchrun``) the model is
 wrapped in ``DistributedDataParallel``, each rank trains on its share of every global
@@ -88,7 +89,8 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
     net = model if world == 1 else nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(optimizer, net, hparams, task.loss, task.weight_decay)
     kl = KlClipLog.attach(opt)
-    schedule = warmup_cosine_schedule(opt, total, warmup_fraction)
+    schedule = None if getattr(opt, "step_rule", "fixed") == "quadratic" \
+        else warmup_cosine_schedule(opt, total, warmup_fraction)
     train_x, train_y = split.train_x.to(device), split.train_y.to(device)
     shuffle = torch.Generator().manual_seed(seed)
     augment = torch.Generator().manual_seed(seed + 1 + rank)
@@ -117,7 +119,8 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
             step += 1
             if kl is not None:
                 kl.record()  # untimed
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             losses.append(loss)
             if bar is not None:
                 bar.update()

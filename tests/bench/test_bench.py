@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import tekfac
 from tekfac.bench import campaign as campaign_module
 from tekfac.bench import data as data_module
 from tekfac.bench import tune as tune_module
 from tekfac.bench.data import CHARACTERS, INPUT_SHAPES, text_windows
-from tekfac.bench.optimizers import DEFAULT_HPARAMS, OPTIMIZERS, SECOND_ORDER
+from tekfac.bench.optimizers import (
+    DEFAULT_HPARAMS,
+    OPTIMIZERS,
+    QUADRATIC_HPARAMS,
+    SECOND_ORDER,
+    make_optimizer,
+)
 from tekfac.bench.report import SUMMARY_KEYS, plot, summarize, write_summary
 from tekfac.bench.runner import Split, run
 from tekfac.bench.tasks import TASKS
@@ -300,6 +307,23 @@ def test_cli_bench_reads_hyper_parameters_from_tuned_folder(tmp_path):
     hparams = json.loads((out / "config.json").read_text())["hparams"]["digits-mlp"]
     assert hparams == {"values": {"sgd": {"lr": 0.0123}},
                        "source": str(tuned / "digits-mlp.json")}
+
+
+def test_cli_bench_quadratic_rule_runs_untuned_without_a_schedule(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "--preset", "smoke", "--epochs", "1", "--optimizers", "tekfac",
+                 "--step-rule", "quadratic", "--out", str(out), "--quiet"]) == 0
+    hparams = json.loads((out / "config.json").read_text())["hparams"]["digits-mlp"]
+    assert hparams["values"]["tekfac"] == {"lr": 1.0, "damping": 0.1, "damping_adaptive": 1.0,
+                                           "quadratic": 1.0}
+    assert "quadratic rule, untuned" in hparams["source"]
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("last")]
+    assert final and not final[0]["diverged"]
+    assert final[0]["test_metric"] > records[0]["test_metric"]  # accuracy: it learned
+    opt = make_optimizer("tekfac", nn.Linear(3, 2), QUADRATIC_HPARAMS, "cross_entropy", 0.0)
+    assert opt.step_rule == "quadratic" and opt.param_groups[0]["kl_clip"] is None
+    assert opt.damping_adaptation is not None
 
 
 @pytest.mark.parametrize(("content", "message"), [
