@@ -190,7 +190,8 @@ def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
     opt = tekfac.KroneckerOptimizer(
         model, args.method, damping=damping, damping_type=args.damping_type,
         stat_decay=args.stat_decay, fisher=args.fisher, loss="bce_with_logits",
-        cov_update_freq=1, eigen_update_freq=args.eigen_every, scale_update_freq=1,
+        cov_update_freq=getattr(args, "stats_every", 1), eigen_update_freq=args.eigen_every,
+        scale_update_freq=getattr(args, "stats_every", 1),
         factor_dtype=getattr(torch, args.factor_dtype), seed=args.seed, **rule)
     losses, errors, updates = [], [], []
     for step, x in batches(train, args.seed, args.steps):
@@ -246,6 +247,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=["warmup-cosine", "constant"], default="warmup-cosine")
     p.add_argument("--stat-decay", type=float, default=0.95)
     p.add_argument("--eigen-every", type=int, default=5)
+    p.add_argument("--stats-every", type=int, default=1,
+                   help="tekfac's statistics interval (kfac-jax's is 1)")
     p.add_argument("--factor-dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--units", choices=["loss", "fisher"], default="loss",
                    help="how tekfac's values are mapped: 'loss' (tekfac's curvature is that of "

@@ -211,6 +211,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if keep:
             self._graphs.append(outputs)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim``'s, which also forgets the graphs the quadratic rule kept since the
+        last step: they belong to the gradients being cleared (a step that ``GradScaler``
+        skipped, an abandoned accumulation)."""
+        self._graphs.clear()
+        super().zero_grad(set_to_none)
+
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module; see :class:`tekfac.curvature.Curvature`."""
         return self.preconditioner.curvature(module)
@@ -370,6 +377,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         model was not finite and no parameter moved."""
         pre = self.preconditioner
         params = [p for p in groups if p.grad is not None]
+        if not params:
+            return None
         lr = _shared(params, groups, "lr", "the step's multiplier")
         adapt_momentum = _shared(params, groups, "momentum", "whether μ is chosen", bool)
         tracked = {p: piece for la, (_, d) in pairs.items()

@@ -279,6 +279,23 @@ def test_resume_takes_identical_steps(tmp_path):
     assert again.step_coefficients == opt.step_coefficients
 
 
+def test_zero_grad_forgets_the_graphs_of_the_gradients_it_clears():
+    """A backward whose step never came (``GradScaler`` skipped it) leaves no graph behind:
+    the next step's model is that of its own batch."""
+    (x0, y0), (x1, y1) = _batches(2, n=6)
+    results = []
+    for abandoned in (True, False):
+        model = _mlp()
+        opt = tekfac.KFAC(model, step_rule="quadratic", cov_update_freq=2, eigen_update_freq=2)
+        _step(model, opt, x1, y1)
+        if abandoned:  # step 1 collects no statistics: only the graph is left over
+            out = model(x0)
+            opt.backward(F.cross_entropy(out, y0), out)
+        _step(model, opt, x1, y1)  # zero_grad first
+        results.append(opt.step_coefficients)
+    assert results[0] == results[1]
+
+
 def test_without_momentum_only_the_rate_is_chosen():
     model = _mlp()
     opt = tekfac.KFAC(model, step_rule="quadratic", momentum=0.0, damping=1e-2, **FAST)
