@@ -43,7 +43,10 @@ _DECOUPLED_WD = Range(1e-4, 0.3)
 #: gradient step), Adam-like (Adam, AdamW, Muon with AdamW-matched step sizes, SOAP, Shampoo with
 #: RMSProp grafting) 1e-4..3e-2. The decoupled optimizers (AdamW, Muon, SOAP) also search their
 #: weight decay (its scale differs from the tasks' coupled L2); the others use the task's. The
-#: Kronecker methods search the damping and the KL-clip bound κ; TEKFAC, the method under test, also
+#: Kronecker methods search the damping (1e-6..1) and the KL-clip bound κ (1e-6..0.1), in the loss's
+#: units since issue #32 (docs/design.md §3), which put kfac-jax's values for the autoencoder at
+#: 1.3e-5 (the v2 campaign searched 1e-4..1 and 1e-4..0.1 in the per-example Fisher's units, where
+#: its floor of 1e-4 was 0.08 in today's); TEKFAC, the method under test, also
 #: whether its damping adapts (``damping_adaptive``, a uniform coordinate in [0, 1], on from 0.5: a
 #: Sobol sequence gives half the trials each setting; issue #17's pilot, docs/results/option-pilot).
 #: The statistics and eigendecomposition intervals are fixed (docs/design.md §6), not searched.
@@ -54,7 +57,7 @@ SPACES: dict[str, dict[str, Range]] = {
     "muon": {"lr": _LR_ADAM, "weight_decay": _DECOUPLED_WD},
     "soap": {"lr": _LR_ADAM, "weight_decay": _DECOUPLED_WD},
     "shampoo": {"lr": _LR_ADAM},
-    **{m: {"lr": _LR_KRONECKER, "damping": Range(1e-4, 1.0), "kl_clip": Range(1e-4, 1e-1)}
+    **{m: {"lr": _LR_KRONECKER, "damping": Range(1e-6, 1.0), "kl_clip": Range(1e-6, 1e-1)}
        for m in SECOND_ORDER},
 }
 SPACES["tekfac"]["damping_adaptive"] = Range(0.0, 1.0, log=False)
