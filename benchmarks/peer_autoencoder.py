@@ -158,6 +158,31 @@ def run_kfac_jax(args: argparse.Namespace, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- tekfac
+def torch_autoencoder(initial: dict[str, np.ndarray]):
+    """``tekfac.bench.models.autoencoder`` with the ``initial`` weights (haiku's names and
+    layout, ``w`` of shape ``(d_in, d_out)``) and its Linear layers."""
+    import torch
+
+    from tekfac.bench import models
+
+    model = models.autoencoder()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer, name in zip(linears, LAYER_NAMES, strict=True):
+            layer.weight.copy_(torch.from_numpy(initial[f"{name}/w"]).T)
+            layer.bias.copy_(torch.from_numpy(initial[f"{name}/b"]))
+    return model, linears
+
+
+def torch_test_error(model, test) -> float:
+    """The task's test metric of a PyTorch ``model`` on the ``(10000, 784)`` ``test`` images."""
+    import torch
+
+    with torch.no_grad():
+        return sum(((torch.sigmoid(model(test[s:s + 2000])) - test[s:s + 2000]) ** 2)
+                   .sum().item() for s in range(0, 10000, 2000)) / 10000
+
+
 def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
                ) -> tuple[list[float], list[tuple[int, float]], list[list[float]]]:
     """Train tekfac's KFAC from kfac-jax's initial weights on the same batches, with the
@@ -167,16 +192,10 @@ def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
     import torch.nn.functional as F
 
     import tekfac
-    from tekfac.bench import models
 
     train, test = load_images(args.data_dir, args.seed)
     test = torch.from_numpy(test)
-    model = models.autoencoder()
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for layer, name in zip(linears, LAYER_NAMES, strict=True):
-            layer.weight.copy_(torch.from_numpy(initial[f"{name}/w"]).T)
-            layer.bias.copy_(torch.from_numpy(initial[f"{name}/b"]))
+    model, linears = torch_autoencoder(initial)
     k = 784.0
     lr, damping, kl_clip = args.lr, args.damping, args.norm_constraint
     if args.units == "fisher":  # curvature of the per-image mean's Fisher: 1/K² of the peer's
@@ -212,10 +231,7 @@ def run_tekfac(args: argparse.Namespace, initial: dict[str, np.ndarray]
         updates.append([float((torch.cat([la.weight.detach().flatten(), la.bias.detach()]) - o)
                               .norm()) for la, o in zip(linears, old)])
         if (step + 1) % 40 == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                error = sum(((torch.sigmoid(model(test[s:s + 2000])) - test[s:s + 2000]) ** 2)
-                            .sum().item() for s in range(0, 10000, 2000)) / 10000
-            errors.append((step + 1, error))
+            errors.append((step + 1, torch_test_error(model, test)))
     return losses, errors, updates
 
 

@@ -39,6 +39,8 @@ from peer_autoencoder import (  # the sibling script
     load_images,
     rate,
     run_tekfac,
+    torch_autoencoder,
+    torch_test_error,
 )
 
 K = 784  # pixels: the loss's terms per image
@@ -68,16 +70,9 @@ def run_kfac_pytorch(args: argparse.Namespace, initial: dict[str, np.ndarray]
     import torch
     import torch.nn.functional as F
 
-    from tekfac.bench import models
-
     train, test = load_images(args.data_dir, args.seed)
     test = torch.from_numpy(test)
-    model = models.autoencoder()
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for layer, name in zip(linears, LAYER_NAMES, strict=True):
-            layer.weight.copy_(torch.from_numpy(initial[f"{name}/w"]).T)
-            layer.bias.copy_(torch.from_numpy(initial[f"{name}/b"]))
+    model, _ = torch_autoencoder(initial)
     lr = args.lr / BATCH  # the gradient of the sum over the batch is BATCH times the mean's
     sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
     pre = kfac.preconditioner.KFACPreconditioner(
@@ -97,10 +92,7 @@ def run_kfac_pytorch(args: argparse.Namespace, initial: dict[str, np.ndarray]
         pre.step()
         sgd.step()
         if (step + 1) % 40 == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                error = sum(((torch.sigmoid(model(test[s:s + 2000])) - test[s:s + 2000]) ** 2)
-                            .sum().item() for s in range(0, 10000, 2000)) / 10000
-            errors.append((step + 1, error))
+            errors.append((step + 1, torch_test_error(model, test)))
     return losses, errors
 
 
