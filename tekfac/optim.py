@@ -72,7 +72,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     one ``(α, μ)`` for the whole model, :attr:`step_coefficients`; ``lr`` multiplies the
     chosen step (default 1, a schedule on it acts as usual), the KL clip is off. It needs
     ``optimizer.backward(loss, outputs)`` for every backward (with either Fisher), which keeps
-    the graph of ``outputs`` until the step: two more backward passes through it per step.
+    the graph of ``outputs`` until the step: about three more backward passes per step.
 
     With ``fisher="mc"`` (default) use ``optimizer.backward(loss, outputs)`` instead of
     ``loss.backward()``; with ``fisher="empirical"`` the ordinary loop works unchanged.
@@ -193,6 +193,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("step_rule", "fixed")  # pickled before the quadratic rule
+        self.__dict__.setdefault("step_coefficients", None)
+        self.__dict__.setdefault("_graphs", [])
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("decoupled_weight_decay", False)
