@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--step-rule", choices=["fixed", "quadratic"], default="fixed",
                            help="quadratic: the Kronecker methods take the quadratic-model step "
                                 "(rate and momentum chosen each step, adaptive damping from "
-                                "0.1), untuned, whatever the tuning files say")
+                                "0.1, statistics every step, bases every 5), untuned, whatever "
+                                "the tuning files say")
     bench_cmd.add_argument("--nproc", type=int, default=1,
                            help="data-parallel processes on this machine (gloo on CPU, NCCL on "
                            "CUDA); --batch-size stays the global batch. For several machines use "

@@ -314,8 +314,7 @@ def test_cli_bench_quadratic_rule_runs_untuned_without_a_schedule(tmp_path):
     assert main(["bench", "--preset", "smoke", "--epochs", "1", "--optimizers", "tekfac",
                  "--step-rule", "quadratic", "--out", str(out), "--quiet"]) == 0
     hparams = json.loads((out / "config.json").read_text())["hparams"]["digits-mlp"]
-    assert hparams["values"]["tekfac"] == {"lr": 1.0, "damping": 0.1, "damping_adaptive": 1.0,
-                                           "quadratic": 1.0}
+    assert hparams["values"]["tekfac"] == QUADRATIC_HPARAMS
     assert "quadratic rule, untuned" in hparams["source"]
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("last")]
@@ -323,7 +322,9 @@ def test_cli_bench_quadratic_rule_runs_untuned_without_a_schedule(tmp_path):
     assert final[0]["test_metric"] > records[0]["test_metric"]  # accuracy: it learned
     opt = make_optimizer("tekfac", nn.Linear(3, 2), QUADRATIC_HPARAMS, "cross_entropy", 0.0)
     assert opt.step_rule == "quadratic" and opt.param_groups[0]["kl_clip"] is None
-    assert opt.damping_adaptation is not None
+    assert opt.damping_adaptation is not None and opt.param_groups[0]["lr"] == 1.0
+    config = opt.preconditioner.config
+    assert (config.cov_update_freq, config.eigen_update_freq, config.damping) == (1, 5, 0.1)
 
 
 @pytest.mark.parametrize(("content", "message"), [
