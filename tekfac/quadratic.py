@@ -38,7 +38,27 @@ ParamVector = Mapping[Tensor, Tensor]
 def jacobian_products(outputs: Tensor, params: Sequence[Tensor],
                       vectors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     """``J v`` (shaped like ``outputs``) for each of ``vectors`` (one tensor per parameter of
-    ``params``), through the graph of ``outputs``, which must still be alive and is kept."""
+    ``params``), through the graph of ``outputs``, which must still be alive and is kept.
+    ``RuntimeError`` saying what to do when an operation of the model has no double backward
+    (``scaled_dot_product_attention``'s fused CPU and GPU kernels, a ``torch.compile``-d
+    model)."""
+    try:
+        return _jacobian_products(outputs, params, vectors)
+    except RuntimeError as e:
+        message = str(e)
+        if not (("derivative for" in message and "not implemented" in message)
+                or "support double backward" in message):  # torch.compile's wording
+            raise
+        raise RuntimeError(
+            "step_rule='quadratic' differentiates the backward pass (its curvature products "
+            f"are double backward), which an operation of the model does not support: {e}. "
+            "For F.scaled_dot_product_attention run the forward under "
+            "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH); otherwise use "
+            "step_rule='fixed'") from e
+
+
+def _jacobian_products(outputs: Tensor, params: Sequence[Tensor],
+                       vectors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     z = torch.zeros_like(outputs, requires_grad=True)
     transposed = torch.autograd.grad(outputs, params, grad_outputs=z, create_graph=True,
                                      allow_unused=True)

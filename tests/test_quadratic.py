@@ -341,6 +341,44 @@ def test_refusals_say_what_to_do():
         opt.preconditioner.remove_hooks()
 
 
+class FlashAttention(nn.Module):
+    """Attention through ``F.scaled_dot_product_attention``'s fused CPU kernel, whose backward
+    has no derivative (nanoGPT's attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1))
+
+
+def test_an_operation_without_double_backward_is_refused_with_the_way_out():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = FlashAttention()  # float32: the fused kernel
+    opt = tekfac.KFAC(model, step_rule="quadratic", **FAST)
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
+
+    def step():
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)), out.reshape(-1, 3))
+        opt.step()
+
+    try:
+        step()
+    except RuntimeError as e:
+        assert "SDPBackend.MATH" in str(e) and "double backward" in str(e)
+    else:  # a torch whose fused kernel gained a double backward: nothing to refuse
+        pytest.skip("scaled_dot_product_attention's CPU kernel has a double backward here")
+    with sdpa_kernel(SDPBackend.MATH):
+        step()
+    assert opt.step_coefficients is not None
+
+
 def test_defaults_follow_the_step_rule():
     model = _mlp()
     quadratic = tekfac.TEKFAC(model, step_rule="quadratic")
