@@ -24,15 +24,12 @@ parameters and ``F_f`` the outputs' Fisher (:attr:`tekfac.fisher.Likelihood.fish
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from tekfac.fisher import LIKELIHOODS
-
-#: A vector over parameters: parameter → a tensor of its shape.
-ParamVector = Mapping[Tensor, Tensor]
 
 
 def jacobian_products(outputs: Tensor, params: Sequence[Tensor],
