@@ -22,7 +22,7 @@ from tekfac.damping_adaptation import DampingAdaptation, reduction_ratio
 from tekfac.layers import KroneckerLayer
 from tekfac.preconditioner import Preconditioner
 from tekfac.profiling import stage
-from tekfac.quadratic import curvature_gram, inner_products, model_change, solve, weighted_gram
+from tekfac.quadratic import curvature_gram, inner_products, model_change, solve, weighted_grams
 
 _CURVATURE_KEY = "curvature"
 _DAMPING_KEY = "damping"
@@ -401,12 +401,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         tracked_damping, untracked_damping = self._damping_weights(params, pairs)
         world = pre.comm.size
         owner = pre.work.owners is not None  # each rank holds its layers' damping
-        damping_tracked = weighted_gram(vectors, tracked_damping)
+        damping_tracked, damping_untracked, decay_gram = weighted_grams(
+            vectors, [tracked_damping, untracked_damping, decay])
         reduced = pre.comm.sum(torch.stack([
             curvature / world, damping_tracked if owner else damping_tracked / world]))
         curvature = reduced[0]
-        damped = (curvature + reduced[1] + weighted_gram(vectors, untracked_damping)
-                  + weighted_gram(vectors, decay))
+        damped = curvature + reduced[1] + damping_untracked + decay_gram
         b = inner_products(objective, vectors)
         w = solve(damped, b)
         if not bool(torch.isfinite(damped).all() & torch.isfinite(b).all()

@@ -103,25 +103,33 @@ def curvature_gram(loss: str, reduction: str, graphs: Sequence[Tensor],
     return total / len(graphs) if reduction == "mean" and graphs else total
 
 
-def weighted_gram(vectors: Sequence[Sequence[Tensor]], weights: Sequence[float]) -> Tensor:
-    """``[Σ_p w_p ⟨v_ip, v_jp⟩]`` (``(k, k)``, float64) for per-parameter weights ``w``."""
+def weighted_grams(vectors: Sequence[Sequence[Tensor]], weights: Sequence[Sequence[float]]
+                   ) -> list[Tensor]:
+    """``[Σ_p w_p ⟨v_ip, v_jp⟩]`` (``(k, k)``, float64) for each list ``w`` of per-parameter
+    weights in ``weights``: every inner product is computed once, and each entry reaches the
+    host once for all the lists."""
     k = len(vectors)
-    gram = torch.zeros(k, k, dtype=torch.float64)
+    grams = [torch.zeros(k, k, dtype=torch.float64) for _ in weights]
+    if not vectors or not vectors[0]:
+        return grams
+    device = vectors[0][0].device
+    table = torch.tensor(weights, dtype=torch.float64, device=device)  # (lists, parameters)
     for i in range(k):
         for j in range(i, k):
-            terms = [w * torch.vdot(a.reshape(-1).double(), b.reshape(-1).double())
-                     for w, a, b in zip(weights, vectors[i], vectors[j]) if w]
-            if terms:
-                gram[i, j] = gram[j, i] = torch.stack(terms).sum().cpu()
-    return gram
+            products = torch.stack([torch.vdot(a.reshape(-1).double(), b.reshape(-1).double())
+                                    for a, b in zip(vectors[i], vectors[j])])
+            for gram, value in zip(grams, (table @ products).cpu()):
+                gram[i, j] = gram[j, i] = value
+    return grams
 
 
 def inner_products(grads: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]) -> Tensor:
     """``b = [⟨∇, v_i⟩]`` (``(k,)``, float64)."""
+    if not grads:
+        return torch.zeros(len(vectors), dtype=torch.float64)
     return torch.stack([
-        torch.stack([torch.vdot(g.reshape(-1).double(), v.reshape(-1).double()).cpu()
-                     for g, v in zip(grads, vector)]).sum() if grads else
-        torch.zeros((), dtype=torch.float64) for vector in vectors])
+        torch.stack([torch.vdot(g.reshape(-1).double(), v.reshape(-1).double())
+                     for g, v in zip(grads, vector)]).sum() for vector in vectors]).cpu()
 
 
 def solve(matrix: Tensor, b: Tensor) -> Tensor:
