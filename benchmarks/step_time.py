@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py [--quick] [--json] [--tasks ...] [--device cpu|cuda]
                                    [--damping-adaptive] [--step-rule fixed|quadratic]
+                                   [--compile]
 
 For each task (one batch of 128 real training images, or noise if the data set is missing)
 and optimizer the script trains ``--steps`` steps after a warm-up, in ``--rounds`` rounds that
@@ -30,6 +31,12 @@ reports, in milliseconds per step amortised at the default update frequencies (s
 With ``--step-rule quadratic`` the Kronecker methods take the quadratic-model step
 (docs/design.md §4.7: the graph is kept for two more backward passes, in the ``quadratic``
 column; no KL clip, rate multiplier 1).
+
+With ``--compile`` every optimizer also runs on the ``torch.compile``-d model (built on the
+compiled model; the profiled warm-up holds the compilations, so the timed steps do not), in
+the same rounds as the eager one: rows ``<optimizer>+compile`` (their ×SGD against the eager
+SGD), and per optimizer the median over rounds of the compiled step over the eager step of
+the same round.
 
 On CPU, subnormal floats are flushed to zero, as ``tekfac bench`` does.
 """
@@ -60,6 +67,8 @@ COV, EIGEN = 10, 100
 DAMPING_ADAPTIVE = False
 #: set by ``--step-rule``: the Kronecker methods' step rule (docs/design.md §4.7)
 STEP_RULE = "fixed"
+#: whether the next measurement compiles its model (``--compile`` alternates it)
+COMPILE = False
 BATCH = 128
 PHASES = ("forward", "backward", "statistics", "eigendecomposition", "scaling",
           "preconditioning", "quadratic", "parameter step", "damping")
@@ -135,6 +144,8 @@ def build(task_name: str, optimizer: str, device: str, batch: tuple[torch.Tensor
     task = TASKS[task_name]
     torch.manual_seed(0)
     model = task.build().to(device)
+    if COMPILE:
+        model = torch.compile(model)
     x, y = (t.to(device, copy=True) for t in batch)
     hparams = {"lr": 1e-3, "damping": 0.1, "damping_adaptive": DAMPING_ADAPTIVE}
     if STEP_RULE == "quadratic" and optimizer in SECOND_ORDER:
@@ -292,9 +303,12 @@ def main() -> None:
     parser.add_argument("--step-rule", choices=["fixed", "quadratic"], default="fixed",
                         help="the Kronecker methods' step rule (quadratic: two more backward "
                              "passes per step, in the 'quadratic' column)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every optimizer on the torch.compile-d model")
     args = parser.parse_args()
-    global DAMPING_ADAPTIVE, STEP_RULE
+    global DAMPING_ADAPTIVE, STEP_RULE, COMPILE
     DAMPING_ADAPTIVE, STEP_RULE = args.damping_adaptive, args.step_rule
+    variants = [False, True] if args.compile else [False]
     steps = args.steps or (10 if args.quick else 100)
     steps = max(COV, steps - steps % COV)
     rounds = max(1, args.rounds or (1 if args.quick else 3))
@@ -302,19 +316,26 @@ def main() -> None:
         torch.set_flush_denormal(True)
     report: dict[str, dict[str, dict]] = {}
     for task_name in args.tasks:
-        runs: dict[str, list[dict]] = {optimizer: [] for optimizer in args.optimizers}
+        runs: dict[str, list[dict]] = {}
         for k in range(rounds):
             for optimizer in args.optimizers:
-                runs[optimizer].append(measure_isolated(task_name, optimizer, steps,
-                                                        args.device, memory=k == 0))
+                for COMPILE in variants:  # read by build(), also in the forked child
+                    name = f"{optimizer}+compile" if COMPILE else optimizer
+                    runs.setdefault(name, []).append(measure_isolated(
+                        task_name, optimizer, steps, args.device, memory=k == 0))
+        COMPILE = False
         rows = {optimizer: combine(results, runs.get("sgd")) for optimizer, results in runs.items()}
+        for optimizer in args.optimizers if args.compile else ():
+            rows[f"{optimizer}+compile"]["compile_ratio"] = statistics.median(
+                c["step_ms"] / e["step_ms"]
+                for c, e in zip(runs[f"{optimizer}+compile"], runs[optimizer]))
         report[task_name] = rows
         if not args.json:
             print_table(task_name, rows, steps, rounds, args.device)
     if args.json:
-        print(json.dumps({t: {o: {k: r[k] for k in ("step_ms", "ratio_vs_sgd", "floor_ratio",
-                                                    "peak_mb")}
-                              for o, r in rows.items()} for t, rows in report.items()}))
+        keys = ("step_ms", "ratio_vs_sgd", "floor_ratio", "peak_mb", "compile_ratio")
+        print(json.dumps({t: {o: {k: r[k] for k in keys if k in r} for o, r in rows.items()}
+                          for t, rows in report.items()}))
 
 
 def combine(results: list[dict], sgd: list[dict] | None) -> dict:
@@ -346,6 +367,10 @@ def print_table(task: str, rows: dict[str, dict], steps: int, rounds: int, devic
                  f"{r['peak_mb']:.0f}", f"{r['memory_vs_sgd']:.2f}",
                  *(f"{r['breakdown_ms'][p]:.2f}" for p in PHASES)]
         print(" ".join(f"{c:>10}" for c in cells))
+    compiled = {name: r["compile_ratio"] for name, r in rows.items() if "compile_ratio" in r}
+    if compiled:
+        print("compiled ÷ eager step (median of same-round ratios): "
+              + ", ".join(f"{name[:-8]} {ratio:.2f}" for name, ratio in compiled.items()))
 
 
 if __name__ == "__main__":

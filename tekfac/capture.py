@@ -97,25 +97,30 @@ class Capture:
                     f"Layer {layer.name!r} was called on batches of different sizes {sizes} "
                     "within one forward; tekfac treats repeated calls in one forward as the same "
                     "examples (weight sharing). Exclude the layer or call it once per batch")
-            if isinstance(layer, EmbeddingLayer) and group[0].inputs.dim() == 1:
+            if sizes[0] == 1 or (isinstance(layer, EmbeddingLayer)
+                                 and group[0].inputs.dim() == 1):
                 self._check_not_broadcast(layer, forward, sizes[0])
         return LayerBatch(layer, list(groups.values())) if groups else None
 
     def _check_not_broadcast(self, layer: KroneckerLayer, forward: int, count: int) -> None:
-        """Refuse an embedding called on a 1-d input of ``count`` indices when the other layers
-        of the same forward see batches of another size: positions shared by the whole batch
-        (``wpe(torch.arange(T))``), whose output is broadcast over the batch, so that the
-        per-example gradients are summed before any hook sees them."""
+        """Refuse a layer called on ``count`` examples (a batch of one, or an embedding's 1-d
+        input of ``count`` indices) when the other layers of the same forward see batches of
+        another size: an output broadcast over the batch — positions shared by the whole
+        batch (``wpe(torch.arange(T))``, a Hugging Face model's default ``position_ids`` of
+        shape ``(1, T)``), a learned query shared by every example — whose per-example
+        gradients are summed before any hook sees them."""
         others = {c.num_examples for la, calls in self.calls.items() if la is not layer
                   for c in calls if c.forward == forward and c.inputs.dim() > 1}
         if others and count not in others:
             raise RuntimeError(
-                f"Layer {layer.name!r} (nn.Embedding) was called on a 1-d input of {count} "
-                f"indices while the other layers of the same forward see batches of "
-                f"{sorted(others)} examples: an embedding of positions shared by the whole batch "
-                "(e.g. wpe(torch.arange(T))) is broadcast over the batch, so its per-example "
-                "gradients are lost. Call it on positions expanded to the batch "
-                "(wpe(torch.arange(T).expand(B, T))), or exclude it")
+                f"Layer {layer.name!r} ({_kind(layer)}) was called on an input of {count} "
+                f"example{'s' if count > 1 else ''} while the other layers of the same forward "
+                f"see batches of {sorted(others)}: an output shared by the whole batch (e.g. "
+                "the positions of wpe(torch.arange(T)), or a Hugging Face model's default "
+                "position_ids of shape (1, T)) is broadcast over the batch, so its per-example "
+                "gradients are lost. Give it inputs expanded to the batch "
+                "(wpe(torch.arange(T).expand(B, T)); for a Hugging Face model pass "
+                "position_ids=torch.arange(T).expand(B, T)), or exclude it")
 
     def clear(self) -> None:
         """Forget this step's records."""
@@ -128,6 +133,12 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.clear()
+
+
+def _kind(layer: KroneckerLayer) -> str:
+    """The layer's module type as users write it (``nn.Embedding``, ``Conv1D``)."""
+    kind = type(layer.module)
+    return f"nn.{kind.__name__}" if getattr(nn, kind.__name__, None) is kind else kind.__name__
 
 
 def _differentiated(output: Tensor) -> Tensor:

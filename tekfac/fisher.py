@@ -139,14 +139,61 @@ def check_layout(loss: str, outputs: Tensor, width: int) -> None:
             "logits.transpose(1, -1)")
 
 
+def check_mask(loss: str, outputs: Tensor, mask: Tensor | None) -> None:
+    """Refuse a ``mask`` that is not a boolean tensor of the shape of ``outputs``' loss
+    terms (the outputs' shape without the class axis for the categorical losses)."""
+    if mask is None:
+        return
+    expected = terms_shape(loss, outputs.shape)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != expected:
+        got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
+               else type(mask).__name__)
+        raise ValueError(
+            f"Invalid mask: expected a torch.bool tensor of shape {tuple(expected)} (one entry "
+            f"per loss term of outputs of shape {tuple(outputs.shape)}, True where the term "
+            f"enters the loss), got {got}; for labels with an ignore_index use "
+            "mask=(labels != ignore_index)")
+
+
+def terms_shape(loss: str, outputs_shape: torch.Size) -> torch.Size:
+    """The shape of the loss's terms for outputs of ``outputs_shape``: without the class axis
+    (dimension 1, or 0 for one unbatched example) for the categorical losses."""
+    if not LIKELIHOODS[loss].class_axis:
+        return outputs_shape
+    dim = 1 if len(outputs_shape) > 1 else 0
+    return outputs_shape[:dim] + outputs_shape[dim + 1:]
+
+
+def num_terms(loss: str, outputs_shape: torch.Size, mask: Tensor | None) -> int:
+    """The loss terms that enter the loss: the kept entries of ``mask``, else all."""
+    return int(mask.sum()) if mask is not None else terms_shape(loss, outputs_shape).numel()
+
+
+def masked_terms(loss: str, outputs: Tensor, mask: Tensor | None) -> Tensor:
+    """``outputs`` with every entry of a term outside ``mask`` set to zero (a direction that
+    moves those outputs changes no term of the loss)."""
+    if mask is None:
+        return outputs
+    if LIKELIHOODS[loss].class_axis:
+        mask = mask.unsqueeze(1 if outputs.dim() > 1 else 0)
+    return outputs * mask
+
+
 def sample_targets(loss: str, outputs: Tensor, generator: torch.Generator) -> Tensor:
     """Draw targets ``y ~ p(y | outputs)`` for ``loss``; no gradient flows through them."""
     return LIKELIHOODS[loss].sample(outputs.detach(), generator)
 
 
-def sampled_loss(loss: str, outputs: Tensor, targets: Tensor, reduction: str) -> Tensor:
-    """The training loss evaluated at sampled targets, with the given batch reduction."""
-    return LIKELIHOODS[loss].loss(outputs, targets, reduction=reduction)
+def sampled_loss(loss: str, outputs: Tensor, targets: Tensor, reduction: str,
+                 mask: Tensor | None = None) -> Tensor:
+    """The training loss evaluated at sampled targets, with the given batch reduction, over
+    the terms in ``mask`` only if given (the mean then divides by their count, as
+    ``ignore_index`` does)."""
+    likelihood = LIKELIHOODS[loss]
+    if mask is None:
+        return likelihood.loss(outputs, targets, reduction=reduction)
+    total = (likelihood.loss(outputs, targets, reduction="none") * mask).sum()
+    return total / mask.sum() if reduction == "mean" else total
 
 
 class FisherKind:
@@ -181,25 +228,25 @@ class FisherKind:
         of the unscaled loss, for a step of ``num_examples`` examples."""
         raise NotImplementedError
 
-    def curvature_multiplier(self, outputs_shape: torch.Size, num_examples: int) -> float:
+    def curvature_multiplier(self, terms: int, num_examples: int) -> float:
         """``c`` such that ``c·F̂`` is the curvature of the loss as the user reduced it, for a
-        batch of ``num_examples`` examples whose loss was computed from outputs of
-        ``outputs_shape`` (docs/design.md §1, §3).
+        batch of ``num_examples`` examples whose loss has ``terms`` terms (docs/design.md §1,
+        §3; :func:`num_terms`).
 
         The per-example loss ``l_i`` of the design is a mean of ``K`` terms (positions,
-        pixels: ``K`` = the loss's terms per example, the outputs' entries without their class
-        axis for the categorical losses), so ``F̂ ≈ E_i[J_iᵀ H J_i] / K²``, while the Hessian
-        of ``l_i`` is ``Σ J_iᵀ H J_i / K``: ``c = K`` for a batch mean, whose curvature is the
-        mean over examples; ``c = N`` for a batch sum (``l_i`` then sums its terms)."""
+        pixels: ``K = terms / N``, the terms that enter the loss per example), so
+        ``F̂ ≈ E_i[J_iᵀ H J_i] / K²``, while the Hessian of ``l_i`` is ``Σ J_iᵀ H J_i / K``:
+        ``c = K`` for a batch mean, whose curvature is the mean over examples; ``c = N`` for a
+        batch sum (``l_i`` then sums its terms)."""
         if self.reduction == "sum":
             return float(num_examples)
-        classes = (outputs_shape[1 if len(outputs_shape) > 1 else 0]
-                   if LIKELIHOODS[self.loss].class_axis else 1)
-        return outputs_shape.numel() / classes / num_examples
+        return terms / num_examples
 
-    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int,
+               mask: Tensor | None = None) -> None:
         """Record the output gradients of ``calls`` before the user's backward, if this kind
-        needs to; ``width`` is the output width of the last tracked layer called."""
+        needs to; ``width`` is the output width of the last tracked layer called, ``mask``
+        the loss terms that enter the loss (``None``: all)."""
 
     def check_recorded(self, has_calls: bool) -> None:
         """Raise if the statistics of a step with ``has_calls`` lack their gradients."""
@@ -236,14 +283,18 @@ class MonteCarloFisher(FisherKind):
     def grad_multiplier(self, num_examples: int) -> float:
         return 1 / self.loss_scale()
 
-    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int) -> None:
+    def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int,
+               mask: Tensor | None = None) -> None:
         """Differentiate the loss at ``y ~ p(y | outputs)`` (times the loss scale) w.r.t. the
-        calls' output edges, keeping the graph for the user's backward."""
+        calls' output edges, keeping the graph for the user's backward. Terms outside
+        ``mask`` (``ignore_index`` positions) are left out of the sampled loss, so they add
+        no gradient to the statistics."""
         if not calls:
             return
         check_layout(self.loss, outputs, width)
         targets = sample_targets(self.loss, outputs, self.generator(outputs.device, step))
-        sampled = sampled_loss(self.loss, outputs, targets, self.reduction) * self.loss_scale()
+        sampled = sampled_loss(self.loss, outputs, targets, self.reduction, mask)
+        sampled = sampled * self.loss_scale()
         counts = [call.num_examples for call in calls]
         n = max(set(counts), key=counts.count) if self.reduction == "mean" else 1
         grads = torch.autograd.grad(sampled * n, [call.edge for call in calls],

@@ -8,6 +8,8 @@ synchronisation, :func:`all_finite` checks a step's gradients without one, and
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import TypeVar
@@ -66,3 +68,16 @@ class Faults:
     def load_state_dict(self, entries: Sequence[dict]) -> None:
         self.records = {(e["place"], e["cause"]): {"first_step": int(e["first_step"]),
                                                    "count": int(e["count"])} for e in entries}
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at
+    the first frame outside the tekfac package: the user's line, however deep inside
+    tekfac the warning is raised (constructors reach the layer plan through different
+    paths)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+

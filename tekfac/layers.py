@@ -10,7 +10,9 @@ and ``g`` of shape ``(N, T, d_out)``, so that ``D_i = G_i A_i^T = g[i].T @ a[i]`
 
 :class:`KroneckerLayer` holds what all kinds share (shapes, the gradient matrix, splitting a
 direction back into parameters); :class:`LinearLayer` and :class:`ConvLayer` implement the
-views. A new layer kind is one subclass and one :data:`LAYER_KINDS` entry.
+views. A new layer kind is one subclass and one :data:`LAYER_KINDS` entry (or
+:data:`LIBRARY_LAYER_KINDS`, for a module of an optional library such as Hugging Face's
+``Conv1D``, :class:`TransposedLinearLayer`).
 
 A side of the block can be *diagonal* (:attr:`KroneckerLayer.diagonal_in`,
 :attr:`KroneckerLayer.diagonal_out`): its factor is kept as the vector of its diagonal, whose
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from tekfac import patch_moments
 from tekfac.chunks import example_ranges
+from tekfac.guards import user_stacklevel
 
 
 class KroneckerLayer:
@@ -189,6 +193,26 @@ class LinearLayer(KroneckerLayer):
 
     def locations(self, x: Tensor) -> int:
         return x[0].numel() // x.shape[-1]
+
+
+class TransposedLinearLayer(LinearLayer):
+    """Hugging Face's ``Conv1D`` (the projections of GPT-2 and its kin): ``y = x W + b`` with a
+    weight of shape ``(d_in, d_out)``, the transpose of ``nn.Linear``'s, so the parameter
+    matrix is ``M = [Wᵀ | b]``; inputs and outputs are those of ``nn.Linear``."""
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self.d_out = module.weight.shape[1]
+        self.d_in = module.weight.shape[0] + int(self.has_bias)
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([tensors[0].T] + [t[:, None] for t in tensors[1:]], dim=1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        pieces = [matrix[:, : self.module.weight.shape[0]].T]
+        if self.has_bias:
+            pieces.append(matrix[:, -1])
+        return pieces
 
 
 class ConvLayer(KroneckerLayer):
@@ -362,11 +386,36 @@ LAYER_KINDS: dict[type[nn.Module], type[KroneckerLayer]] = {
     nn.Linear: LinearLayer, nn.Conv1d: ConvLayer, nn.Conv2d: ConvLayer,
     nn.Embedding: EmbeddingLayer}
 
+#: Layer kinds of optional libraries: (module, class name) → layer class, claimed once that
+#: module is imported (a model holding such a layer has imported it), so that tekfac needs
+#: none of them.
+LIBRARY_LAYER_KINDS: dict[tuple[str, str], type[KroneckerLayer]] = {
+    ("transformers.pytorch_utils", "Conv1D"): TransposedLinearLayer}
+
+
+def layer_kinds() -> dict[type[nn.Module], type[KroneckerLayer]]:
+    """:data:`LAYER_KINDS` and the :data:`LIBRARY_LAYER_KINDS` whose library is imported."""
+    kinds = dict(LAYER_KINDS)
+    for (module, name), kind in LIBRARY_LAYER_KINDS.items():
+        library_type = getattr(sys.modules.get(module), name, None)
+        if isinstance(library_type, type):
+            kinds[library_type] = kind
+    return kinds
+
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The wrapped module of ``DistributedDataParallel`` / ``DataParallel``, else ``model``."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``'s
+    ``OptimizedModule`` (in any nesting), else ``model``: the names users write (``exclude``
+    patterns, ``describe()``) are the bare model's."""
+    # torch.compile's wrapper class, if torch.compile was ever imported (else none can exist)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class Untracked(NamedTuple):
@@ -432,10 +481,37 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
             warnings.warn(
                 f"Layer {layer.name!r}: its {side}-side factor would be {width} × {width}, "
                 f"over max_factor_dim={max_factor_dim}; keeping only its diagonal. Raise "
-                "max_factor_dim to keep the full factor, or exclude the layer", stacklevel=4)
+                "max_factor_dim to keep the full factor, or exclude the layer",
+                stacklevel=user_stacklevel())
+    _warn_unclaimed(model, untracked)
     order = {name: i for i, name in enumerate(named)}
     untracked = sorted(untracked + tied, key=lambda u: order[u.name])
     return layers, untracked
+
+
+def _warn_unclaimed(model: nn.Module, untracked: list[Untracked]) -> None:
+    """Warn about the modules left to the first-order step that hold a trainable parameter of
+    two or more dimensions although nobody excluded them: most likely a layer kind tekfac does
+    not know (a library's own projection, ``nn.MultiheadAttention``'s ``in_proj_weight``),
+    which a user would otherwise believe preconditioned."""
+    unclaimed = [u for u in untracked
+                 if not u.reason.startswith(("excluded", "frozen"))
+                 and any(p.dim() >= 2 and p.requires_grad
+                         for p in u.module.parameters(recurse=False))]
+    if not unclaimed:
+        return
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = sum(p.numel() for u in unclaimed for p in u.module.parameters(recurse=False)
+                if p.requires_grad) / max(total, 1)
+    names = ", ".join(f"{repr(u.name) if u.name else '(model)'} ({type(u.module).__name__})"
+                      for u in unclaimed[:5])
+    more = f" and {len(unclaimed) - 5} more" if len(unclaimed) > 5 else ""
+    warnings.warn(
+        f"Modules {names}{more} hold 2-D weights that get no Kronecker block; they take the "
+        f"first-order step, {share:.1%} of the trainable parameters (describe() lists every "
+        "module and why). Pass exclude=[...] with them (modules, name patterns, or for the "
+        "model's own parameters the parameters) to silence this warning",
+        stacklevel=user_stacklevel())
 
 
 def _unfit(module: nn.Module) -> str | None:
@@ -548,15 +624,16 @@ def _excluded_modules(model: nn.Module, named: dict[str, nn.Module],
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` is of a kind in :data:`LAYER_KINDS`."""
-    return isinstance(module, tuple(LAYER_KINDS))
+    """Whether ``module`` is of a kind in :func:`layer_kinds`."""
+    return isinstance(module, tuple(layer_kinds()))
 
 
 def make_layer(name: str, module: nn.Module) -> KroneckerLayer:
     """The :class:`KroneckerLayer` of a supported ``module`` (its exact type's class, else
     that of its nearest supported base class)."""
+    kinds = layer_kinds()
     for kind in type(module).__mro__:
-        if kind in LAYER_KINDS:
-            return LAYER_KINDS[kind](name, module)
+        if kind in kinds:
+            return kinds[kind](name, module)
     raise TypeError(f"Layer {name!r} ({type(module).__name__}) has no Kronecker block; "
-                    f"supported: {', '.join(k.__name__ for k in LAYER_KINDS)}")
+                    f"supported: {', '.join(k.__name__ for k in kinds)}")

@@ -183,7 +183,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         #: ``(α, μ)`` the quadratic rule chose for the last step (``None`` before it, or with
         #: the fixed rule)
         self.step_coefficients: tuple[float, float] | None = None
-        self._graphs: list[Tensor] = []  # the outputs whose graphs the quadratic rule keeps
+        #: the outputs whose graphs the quadratic rule keeps, with the masks of their terms
+        self._graphs: list[tuple[Tensor, Tensor | None]] = []
 
     @property
     def damping(self) -> float:
@@ -204,15 +205,17 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             group.setdefault("kl_clip_lr", group.get("initial_lr", group["lr"]))
 
     # ---------------------------------------------------------------- API
-    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+    def backward(self, loss: Tensor, outputs: Tensor, mask: Tensor | None = None) -> None:
         """``loss.backward()``, preceded on MC statistics steps by the sampled backward; see
-        :meth:`tekfac.Preconditioner.backward`. With ``step_rule="quadratic"`` the graph of
-        ``outputs`` is kept until the next :meth:`step`."""
+        :meth:`tekfac.Preconditioner.backward`. ``mask`` marks the loss terms that enter
+        ``loss`` (``labels != -100`` for ``ignore_index=-100``). With
+        ``step_rule="quadratic"`` the graph of ``outputs`` is kept until the next
+        :meth:`step`."""
         pre = self.preconditioner
         keep = self.step_rule == "quadratic" and not pre.probing
-        pre.backward(loss, outputs, retain_graph=keep)
+        pre.backward(loss, outputs, retain_graph=keep, mask=mask)
         if keep:
-            self._graphs.append(outputs)
+            self._graphs.append((outputs, mask))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim``'s, which also forgets the graphs the quadratic rule kept since the

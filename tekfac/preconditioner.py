@@ -22,7 +22,7 @@ from tekfac.config import METHODS, CurvatureConfig, check_choice, check_instance
 from tekfac.curvature import Curvature
 from tekfac.distributed import Communicator, Weighted, WorkSplit
 from tekfac.factors import FACTOR_KINDS, FactorStatistics
-from tekfac.fisher import FISHER_KINDS
+from tekfac.fisher import FISHER_KINDS, check_mask, num_terms
 from tekfac.guards import Faults, all_finite, non_finite
 from tekfac.layers import KroneckerLayer, describe_layers, plan_layers, unwrap
 from tekfac.linalg import power_iteration_refresh, symmetric_eigh
@@ -93,6 +93,7 @@ class Preconditioner:
         self.faults = Faults()
         self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
         self._outputs_shape: torch.Size | None = None  # of the outputs last given to backward
+        self._mask: Tensor | None = None  # and their terms that enter the loss
         #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
         #: its step (adaptive damping), under ``torch.no_grad``
         self.probing = False
@@ -121,7 +122,8 @@ class Preconditioner:
         return freq is not None and self._due(freq)
 
     # ---------------------------------------------------------------- user-facing calls
-    def backward(self, loss: Tensor, outputs: Tensor, retain_graph: bool = False) -> None:
+    def backward(self, loss: Tensor, outputs: Tensor, retain_graph: bool = False,
+                 mask: Tensor | None = None) -> None:
         """Backpropagate ``loss``; on MC statistics steps first backpropagate a loss at labels
         sampled from ``outputs`` to record the output gradients (docs/design.md §1).
         ``retain_graph`` keeps the graph for later products with the Jacobian of ``outputs``
@@ -129,6 +131,10 @@ class Preconditioner:
 
         Afterwards ``.grad`` holds the gradient of ``loss`` only. ``outputs`` are the model's
         predictions that ``loss`` was computed from (logits for the classification losses).
+        ``mask`` (``torch.bool``, the shape of the loss's terms: ``outputs`` without the class
+        axis for the categorical losses) marks the terms that enter ``loss``, e.g.
+        ``labels != -100`` for a loss with ``ignore_index=-100``: the others get no sampled
+        label, and neither they nor their count enter the curvature (docs/design.md §1).
         For gradient accumulation call it once per micro-batch, with each micro-batch's loss
         divided by the number of micro-batches (so that the sum is the full-batch mean).
 
@@ -140,16 +146,15 @@ class Preconditioner:
         if self.probing:
             return
         c = self.config
-        self._outputs_shape = outputs.shape
+        check_mask(c.loss, outputs, mask)
+        self._outputs_shape, self._mask = outputs.shape, mask
         bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
         self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
         pending = self.capture.pending()
         if pending:
-            self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out)
+            self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out, mask)
         if self.fisher.samples and self.statistics_due:
-            forwards = {call.forward for call in pending}
-            micro = {la: b for la in self.layers
-                     if (b := self.capture.batch(la, forwards)) is not None}
+            micro = self._collect({call.forward for call in pending})
             if self._due(c.cov_update_freq):
                 with stage("statistics"):
                     self.work.launch("factors", self._factor_statistics(micro))
@@ -193,6 +198,10 @@ class Preconditioner:
         bad batch had never been seen); reductions in flight are awaited and dropped."""
         self.warn_once("model", cause, "skipping this step (parameters, momentum, curvature "
                        "and step counter unchanged)")
+        self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Drop everything this step recorded; reductions in flight are awaited first."""
         self.work.clear(wait=True)
         self.capture.clear()
         self.fisher.end_step()
@@ -200,8 +209,8 @@ class Preconditioner:
 
     def curvature_multiplier(self) -> float:
         """``c`` such that ``c·F̂`` is the curvature of the user's loss (docs/design.md §3),
-        from the outputs last given to :meth:`backward` and the example count of the latest
-        call of a tracked layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`).
+        from the outputs (and mask) last given to :meth:`backward` and the example count of the
+        latest call of a tracked layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`).
         After a plain ``loss.backward()`` (empirical Fisher) the loss is taken to be computed
         from the output of the latest tracked layer called: its class axis, for the
         categorical losses, is that layer's output features or channels."""
@@ -212,7 +221,8 @@ class Preconditioner:
         shape = self._outputs_shape
         if shape is None:
             shape = torch.Size((cap.examples, cap.width, cap.positions))
-        return self.fisher.curvature_multiplier(shape, cap.examples)
+        terms = num_terms(self.config.loss, shape, self._mask)
+        return self.fisher.curvature_multiplier(terms, cap.examples)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""
@@ -307,11 +317,19 @@ class Preconditioner:
             return {la: (grads[la], d) for la, (d,) in zip(layers, shared)}
 
     # ---------------------------------------------------------------- statistics
-    def _collect(self) -> dict[KroneckerLayer, LayerBatch]:
-        """This step's recorded examples per layer (nothing is unfolded yet)."""
+    def _collect(self, forwards: set[int] | None = None) -> dict[KroneckerLayer, LayerBatch]:
+        """This step's recorded examples per layer, of ``forwards`` only if given (nothing is
+        unfolded yet). Records that are refused (see :meth:`tekfac.capture.Capture.batch`)
+        drop the whole step's records before the error propagates, so that the next step,
+        with the cause fixed, starts clean."""
         cap = self.capture
-        self.fisher.check_recorded(cap.has_inputs)
-        batches = {layer: cap.batch(layer) for layer in cap.calls}
+        try:
+            if forwards is None:
+                self.fisher.check_recorded(cap.has_inputs)
+            batches = {layer: cap.batch(layer, forwards) for layer in cap.calls}
+        except RuntimeError:
+            self._forget_step()
+            raise
         return {layer: b for layer, b in batches.items() if b is not None}
 
     def _batch_mean(self, batch: LayerBatch, fn: Callable[[Examples], Sequence[Tensor]]

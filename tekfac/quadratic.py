@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tekfac.fisher import LIKELIHOODS
+from tekfac.fisher import LIKELIHOODS, masked_terms, num_terms
 
 
 def jacobian_products(outputs: Tensor, params: Sequence[Tensor],
@@ -72,16 +72,15 @@ def _jacobian_products(outputs: Tensor, params: Sequence[Tensor],
     return products
 
 
-def output_gram(loss: str, reduction: str, outputs: Tensor, products: Sequence[Tensor]
-                ) -> Tensor:
+def output_gram(loss: str, reduction: str, outputs: Tensor, products: Sequence[Tensor],
+                mask: Tensor | None = None) -> Tensor:
     """``[(J v_i)ᵀ F_f (J v_j)]`` for the loss as reduced (``"mean"`` over its terms, the
-    outputs' entries without their class axis, or ``"sum"``); ``(k, k)`` in float64."""
+    outputs' entries without their class axis, or ``"sum"``), over the terms in ``mask``
+    only if given; ``(k, k)`` in float64."""
     likelihood = LIKELIHOODS[loss]
     f = outputs.detach().double()
-    jv = [p.double() for p in products]
-    terms = f.numel()
-    if likelihood.class_axis:
-        terms //= f.shape[1 if f.dim() > 1 else 0]
+    jv = [masked_terms(loss, p.double(), mask) for p in products]
+    terms = num_terms(loss, f.shape, mask)
     scale = 1.0 / max(terms, 1) if reduction == "mean" else 1.0
     k = len(jv)
     gram = torch.zeros(k, k, dtype=torch.float64)
@@ -91,15 +90,16 @@ def output_gram(loss: str, reduction: str, outputs: Tensor, products: Sequence[T
     return gram
 
 
-def curvature_gram(loss: str, reduction: str, graphs: Sequence[Tensor],
+def curvature_gram(loss: str, reduction: str, graphs: Sequence[tuple[Tensor, Tensor | None]],
                    params: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]) -> Tensor:
-    """``A = [v_iᵀ C v_j]`` (``(k, k)``, float64) for the loss whose micro-batch outputs are
-    ``graphs``: with ``"mean"`` the loss is the mean of the micro-batches' (each given to the
-    backward divided by their number), with ``"sum"`` their sum."""
+    """``A = [v_iᵀ C v_j]`` (``(k, k)``, float64) for the loss whose micro-batch outputs (and
+    masks of their terms) are ``graphs``: with ``"mean"`` the loss is the mean of the
+    micro-batches' (each given to the backward divided by their number), with ``"sum"``
+    their sum."""
     total = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
-    for outputs in graphs:
+    for outputs, mask in graphs:
         total += output_gram(loss, reduction, outputs,
-                             jacobian_products(outputs, params, vectors))
+                             jacobian_products(outputs, params, vectors), mask)
     return total / len(graphs) if reduction == "mean" and graphs else total
 
 

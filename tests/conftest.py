@@ -53,12 +53,16 @@ def tiny_net(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         net = nn.Sequential(Tokens(6), nn.Embedding(6, 4, padding_idx=0), nn.Tanh(),
                             MeanOverSequence(), nn.Linear(4, 3))
         shape = (5,)
+    elif kind == "hf-conv1d":  # Hugging Face's Conv1D (GPT-2's projections), W of (d_in, d_out)
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        net = nn.Sequential(conv1d(4, 3), nn.Tanh(), MeanOverSequence(), conv1d(3, 4))
+        shape = (4, 3)
     else:
         raise ValueError(kind)
     return net.double(), shape
 
 
-NETS = ["mlp", "cnn", "conv1d", "sequence", "embedding"]
+NETS = ["mlp", "cnn", "conv1d", "sequence", "embedding", "hf-conv1d"]
 
 
 def batch(shape: tuple[int, ...], n: int = 8, dtype: torch.dtype = torch.float64):

@@ -79,7 +79,19 @@ def _unit_trace(m: Tensor) -> Tensor:
 def _layer_matrix_params(module: nn.Module) -> int:
     if isinstance(module, nn.Embedding):
         return module.num_embeddings
+    if _is_hf_conv1d(module):
+        return module.weight.shape[0] + (module.bias is not None)
     return module.weight[0].numel() + (module.bias is not None)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (weight ``(d_in, d_out)``, ``y = x W + b``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith(
+        "transformers")
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, LAYERS) or _is_hf_conv1d(module)
 
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
@@ -103,7 +115,7 @@ def layer_references(model: nn.Module, x: Tensor, y: Tensor,
     labels, called on batches of one example.
     """
     loss_fn = loss if callable(loss) else partial(LOSSES[loss], reduction=reduction)
-    layers = [m for m in model.modules() if isinstance(m, LAYERS)]
+    layers = [m for m in model.modules() if _is_layer(m)]
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = {m: n for n, m in model.named_modules()}
 
@@ -118,6 +130,9 @@ def layer_references(model: nn.Module, x: Tensor, y: Tensor,
         name = names[layer]
         if isinstance(layer, nn.Embedding):  # M = W^T
             d = per_example[f"{name}.weight"].transpose(1, 2)
+        elif _is_hf_conv1d(layer):  # M = [W^T | b]
+            d = layer_matrix(per_example[f"{name}.weight"].transpose(1, 2),
+                             per_example.get(f"{name}.bias"))
         else:
             d = layer_matrix(per_example[f"{name}.weight"], per_example.get(f"{name}.bias"))
         a_list, g_list = [], []
@@ -150,19 +165,23 @@ def _example_a_g(model, layer, xi, yi, loss_fn) -> tuple[Tensor, Tensor]:
     (g,) = torch.autograd.grad(loss_fn(out, yi), [store["probe"]])
     if isinstance(layer, nn.Embedding):
         return _embedding_a(layer, store["input"]), g.reshape(-1, layer.embedding_dim).T
-    d_out = layer.weight.shape[0]
+    transposed = _is_hf_conv1d(layer)
+    d_out = layer.weight.shape[1 if transposed else 0]
     g = g.reshape(d_out, -1) if isinstance(layer, nn.Conv1d | nn.Conv2d) else g.reshape(-1, d_out).T
 
     weight = layer.weight.detach()
     conv = isinstance(layer, nn.Conv1d | nn.Conv2d)
+    row = weight[:, 0] if transposed else weight[0]
+    no_bias = torch.zeros(d_out, dtype=weight.dtype) if transposed else None  # addmm needs one
 
     def first_channel(w0: Tensor) -> Tensor:
-        """Output channel 0 as a function of weight row 0 (linear in it, no bias)."""
-        w = torch.cat([w0[None], weight[1:]])
-        out = functional_call(layer, {"weight": w, "bias": None}, (store["input"],))
+        """Output channel 0 as a function of row 0 of ``M`` (linear in it, no bias)."""
+        w = (torch.cat([w0[:, None], weight[:, 1:]], dim=1) if transposed
+             else torch.cat([w0[None], weight[1:]]))
+        out = functional_call(layer, {"weight": w, "bias": no_bias}, (store["input"],))
         return out[0, 0] if conv else out[..., 0]
 
-    j = jacrev(first_channel)(weight[0]).reshape(g.shape[1], -1)  # (T, d_in without bias)
+    j = jacrev(first_channel)(row).reshape(g.shape[1], -1)  # (T, d_in without bias)
     a = j.T
     if layer.bias is not None:
         a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)], dim=0)

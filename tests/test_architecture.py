@@ -12,8 +12,8 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "tekfac"
 
 #: The core modules, each importing only modules before it.
-ORDER = ["truncation", "chunks", "patch_moments", "layers", "records", "capture", "factors",
-         "scaling", "state", "damping", "fisher", "linalg", "guards", "profiling", "config",
+ORDER = ["guards", "truncation", "chunks", "patch_moments", "layers", "records", "capture",
+         "factors", "scaling", "state", "damping", "fisher", "linalg", "profiling", "config",
          "curvature", "damping_adaptation", "quadratic", "distributed", "preconditioner", "optim",
          "__init__"]
 

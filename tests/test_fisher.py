@@ -137,3 +137,60 @@ def test_layers_with_different_example_counts_each_get_their_own():
     (first_flat, head_flat), (first_whole, head_whole) = factors
     torch.testing.assert_close(first_flat, first_whole)
     torch.testing.assert_close(head_flat, T * head_whole)
+
+
+
+def test_masked_positions_add_nothing_to_the_mc_statistics(argmax_sampler):
+    """``mask`` (``labels != -100``): with the same labels, the MC statistics of every layer
+    equal the empirical statistics of the user's loss with ``ignore_index`` (the mean over
+    the kept positions), and ``c`` counts the kept positions per example; without the mask
+    the ignored positions' sampled gradients enter the output-side factors."""
+    net = sequence_model()
+    x = torch.randn(N, T, D, dtype=torch.float64)
+    mask = torch.rand(N * T, generator=torch.Generator().manual_seed(1)) < 0.6
+
+    def statistics(fisher, use_mask=True):
+        pre = tekfac.Preconditioner(net, "kfac", fisher=fisher, seed=0, cov_update_freq=1,
+                                    stat_decay=0.0)
+        outputs = net(x).reshape(-1, C)
+        labels = outputs.detach().argmax(1).masked_fill(~mask, -100)
+        net.zero_grad()
+        pre.backward(F.cross_entropy(outputs, labels), outputs, mask=mask if use_mask else None)
+        pre.update_curvature()
+        factors = [(pre.states[la].factor_in, pre.states[la].factor_out) for la in pre.layers]
+        return factors, pre.curvature_multiplier()
+
+    mc, c_mc = statistics("mc")
+    empirical, c_empirical = statistics("empirical")
+    assert argmax_sampler
+    assert c_mc == c_empirical == pytest.approx(mask.sum().item() / N)
+    for (a_mc, g_mc), (a_empirical, g_empirical) in zip(mc, empirical):
+        torch.testing.assert_close(a_mc, a_empirical, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_mc, g_empirical, rtol=1e-10, atol=1e-14)
+    unmasked, c_unmasked = statistics("mc", use_mask=False)
+    assert c_unmasked == T
+    assert not torch.allclose(unmasked[-1][1], mc[-1][1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce_with_logits"])
+def test_the_masked_sampled_loss_is_the_mean_over_the_kept_terms(loss):
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.rand(6, 4, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, 4, generator=gen) < 0.5
+    per_term = tekfac.fisher.LIKELIHOODS[loss].loss(f, y, reduction="none")
+    got = tekfac.fisher.sampled_loss(loss, f, y, "mean", mask)
+    torch.testing.assert_close(got, per_term[mask].mean(), rtol=1e-14, atol=0)
+    assert tekfac.fisher.sampled_loss(loss, f, y, "sum", mask) == pytest.approx(
+        per_term[mask].sum().item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("mask", [torch.ones(N, T, dtype=torch.bool), torch.ones(N * T),
+                                  [True] * (N * T)], ids=["shape", "dtype", "type"])
+def test_a_mask_that_does_not_fit_the_terms_is_refused(mask):
+    net = sequence_model()
+    opt = tekfac.KFAC(net)
+    outputs = net(torch.randn(N, T, D, dtype=torch.float64)).reshape(-1, C)
+    with pytest.raises(ValueError, match=r"Invalid mask: expected a torch.bool tensor of "
+                                         r"shape \(24,\)"):
+        opt.backward(user_loss("cross_entropy", outputs), outputs, mask=mask)

@@ -530,8 +530,10 @@ def test_multihead_attention_projections_are_left_to_the_first_order_step():
     torch.manual_seed(0)
     block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
                                        batch_first=True).double()
-    opt = tekfac.TEKFAC(block, fisher="empirical", cov_update_freq=1, eigen_update_freq=1,
-                        scale_update_freq=1)
+    with pytest.warns(UserWarning, match=r"'self_attn' \(MultiheadAttention\), "
+                                         r"'self_attn.out_proj'.*get no Kronecker block"):
+        opt = tekfac.TEKFAC(block, fisher="empirical", cov_update_freq=1, eigen_update_freq=1,
+                            scale_update_freq=1)
     assert [la.name for la in opt.preconditioner.layers] == ["linear1", "linear2"]
     rows = {line.split()[0]: line for line in opt.describe().splitlines()}
     assert "inside nn.MultiheadAttention, which calls F.linear" in rows["self_attn.out_proj"]

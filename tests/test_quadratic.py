@@ -82,7 +82,7 @@ def test_curvature_products_equal_the_dense_gauss_newton(case):
     x, y = torch.randn(6, 5, generator=gen, dtype=torch.float64), targets(gen)
     exact = dense_gauss_newton(model, x, lambda f: LOSSES[loss](f, y, reduction=reduction))
     vectors = _vectors(model, 2)
-    got = curvature_gram(loss, reduction, [model(x)], list(model.parameters()), vectors)
+    got = curvature_gram(loss, reduction, [(model(x), None)], list(model.parameters()), vectors)
     v = _stacked(vectors)
     torch.testing.assert_close(got, v @ exact @ v.T, rtol=1e-10, atol=1e-12)
 
@@ -102,10 +102,40 @@ def test_sequence_logits_in_either_layout(layout):
         view, target = (lambda f: f.transpose(1, 2)), y
     exact = dense_gauss_newton(model, x, lambda f: F.cross_entropy(f, target), view)
     vectors = _vectors(model, 2)
-    got = curvature_gram("cross_entropy", "mean", [view(model(x))], list(model.parameters()),
+    got = curvature_gram("cross_entropy", "mean", [(view(model(x)), None)],
+                         list(model.parameters()), vectors)
+    v = _stacked(vectors)
+    torch.testing.assert_close(got, v @ exact @ v.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_masked_terms_leave_the_curvature(loss):
+    """Positions outside the mask (``ignore_index``) add no curvature, and the mean runs over
+    the kept ones: the dense Gauss–Newton matrix of the loss with ``ignore_index=-100`` (or,
+    for MSE, of the mean over the kept entries)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True], [False, False, True, True]]).reshape(-1)
+    if loss == "cross_entropy":
+        labels = torch.randint(0, 5, (8,), generator=gen).masked_fill(~mask, -100)
+        reduced = lambda f: F.cross_entropy(f, labels)  # noqa: E731
+    else:
+        mask = mask[:, None].expand(8, 5).clone()
+        mask[0, 1:3] = False
+        y = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+        reduced = lambda f: ((f - y).square() * mask).sum() / mask.sum()  # noqa: E731
+    view = lambda f: f.reshape(-1, 5)  # noqa: E731
+    exact = dense_gauss_newton(model, x, reduced, view)
+    vectors = _vectors(model, 2)
+    got = curvature_gram(loss, "mean", [(view(model(x)), mask)], list(model.parameters()),
                          vectors)
     v = _stacked(vectors)
     torch.testing.assert_close(got, v @ exact @ v.T, rtol=1e-10, atol=1e-12)
+    unmasked = curvature_gram(loss, "mean", [(view(model(x)), None)],
+                              list(model.parameters()), vectors)
+    assert not torch.allclose(unmasked, got, rtol=1e-3)
 
 
 def test_log_probabilities_have_the_fisher_of_their_logits():
@@ -119,7 +149,7 @@ def test_log_probabilities_have_the_fisher_of_their_logits():
                                                                                  generator=gen)
     exact = dense_gauss_newton(logits_model, x, lambda f: F.cross_entropy(f, y))
     vectors = _vectors(model, 2)
-    got = curvature_gram("nll", "mean", [model(x)], list(model.parameters()), vectors)
+    got = curvature_gram("nll", "mean", [(model(x), None)], list(model.parameters()), vectors)
     v = _stacked(vectors)
     torch.testing.assert_close(got, v @ exact @ v.T, rtol=1e-10, atol=1e-12)
 
@@ -129,12 +159,11 @@ def test_micro_batches_average_to_the_whole_batch():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     vectors, params = _vectors(model, 2), list(model.parameters())
-    whole = curvature_gram("cross_entropy", "mean", [model(x)], params, vectors)
-    halves = curvature_gram("cross_entropy", "mean", [model(x[:3]), model(x[3:])], params,
-                            vectors)
+    whole = curvature_gram("cross_entropy", "mean", [(model(x), None)], params, vectors)
+    halves_of = [(model(x[:3]), None), (model(x[3:]), None)]
+    halves = curvature_gram("cross_entropy", "mean", halves_of, params, vectors)
     torch.testing.assert_close(halves, whole, rtol=1e-12, atol=0)
-    summed = curvature_gram("cross_entropy", "sum", [model(x[:3]), model(x[3:])], params,
-                            vectors)
+    summed = curvature_gram("cross_entropy", "sum", halves_of, params, vectors)
     torch.testing.assert_close(summed, 6 * whole, rtol=1e-12, atol=0)
 
 

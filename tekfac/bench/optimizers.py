@@ -187,6 +187,10 @@ def make_optimizer(name: str, model: nn.Module, hparams: dict[str, float], loss:
             settings["damping_adaptive"] = True
         if hparams.get("quadratic", 0.0) >= 0.5:  # the model sets the step: no KL clip
             settings.update(step_rule="quadratic", kl_clip=None)
+        # text-gpt's attention has no block (its projections are F.linear calls): say so,
+        # which is what silences the construction's warning about unclaimed weights
+        attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        settings.setdefault("exclude", attention)
         return tekfac.KroneckerOptimizer(model, name, lr=lr, damping=hparams["damping"],
                                          loss=loss, weight_decay=wd, **settings)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
