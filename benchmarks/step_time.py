@@ -163,7 +163,7 @@ def train_step(task, model, x, y, opt) -> None:
     def closure() -> torch.Tensor:
         probe = not torch.is_grad_enabled()
         with nullcontext() if probe else record_function("bench.forward"):
-            out = model(task.inputs(x))
+            out = task.forward(model, task.inputs(x))
             loss = task.loss_fn(out, task.targets(x, y))
         opt.zero_grad(set_to_none=True)
         with nullcontext() if probe else record_function("bench.backward"):

@@ -72,7 +72,11 @@ class Capture:
             self.calls.setdefault(layer, []).append(call)
             self.last_layer = layer
 
-        return forward_hook
+        # under torch.compile the hook runs eagerly, outside the graph: traced, its Python
+        # bookkeeping broke the graph at every recorded call and recompiled its frame once per
+        # layer (hitting dynamo's recompile limit); disabled, the compiled model keeps a few
+        # whole graphs and the same steps (tests/test_compile.py)
+        return torch.compiler.disable(forward_hook)
 
     def pending(self) -> list[Call]:
         """Calls whose output still awaits the sampled backward (MC Fisher)."""

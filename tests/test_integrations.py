@@ -106,6 +106,32 @@ def test_every_projection_of_the_tiny_hf_models_gets_a_block(name):
     assert "Conv1D has no Kronecker block" not in table
 
 
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_the_tiny_hf_models_take_mc_steps(name):
+    """Llama (RMSNorm, rotary positions, tied head) as a causal LM with ignored labels; BERT
+    as a sequence classifier (its position embedding fed per example)."""
+    net = tiny_configs()[name]
+    opt = tekfac.TEKFAC(net, **EVERY_STEP)
+    ids = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    before = flat(net)
+    for _ in range(2):
+        if name == "bert":
+            out = net(input_ids=ids, labels=labels[:, -1] % 3,
+                      position_ids=huggingface.batch_position_ids(ids))
+            outputs, mask = out.logits, None
+        else:
+            out = net(input_ids=ids, labels=labels,
+                      position_ids=huggingface.batch_position_ids(ids))
+            outputs, mask = huggingface.causal_lm_outputs(out.logits, labels)
+        opt.zero_grad()
+        opt.backward(out.loss, outputs, mask=mask)
+        opt.step()
+    assert opt.preconditioner.steps == 2 and not opt.faults
+    assert flat(net).isfinite().all() and not torch.equal(flat(net), before)
+
+
 def test_a_module_no_layer_kind_claims_is_warned_about_once_with_its_share():
     class Model(nn.Module):
         def __init__(self):
@@ -201,27 +227,33 @@ def _windows(n: int = 8) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("fisher", ["mc", "empirical"])
-def test_tekfac_trainer_takes_the_steps_of_the_plain_loop(fisher, argmax_sampler, tmp_path):
-    """One batch holds the whole (shuffled) data set, so both take the same batches; the
-    argmax labels make the MC statistics independent of the shuffled order. (The first label
-    of each window is ignored: this Trainer counts the loss's tokens over the unshifted labels
-    for GPT-2, N·T of them where the loss has N·(T − 1), unless no first label counts.)"""
+@pytest.mark.parametrize(("fisher", "accumulate"), [("mc", 1), ("empirical", 1), ("mc", 2)])
+def test_tekfac_trainer_takes_the_steps_of_the_plain_loop(fisher, accumulate, argmax_sampler,
+                                                          tmp_path):
+    """Each step holds the whole (shuffled) data set, in ``accumulate`` micro-batches whose
+    losses the Trainer divides by the step's token count; so both take the same steps, and
+    the argmax labels make the MC statistics independent of the shuffled order. (The first
+    label of each window is ignored: this Trainer counts GPT-2's tokens over the unshifted
+    labels, N·T of them where the loss has N·(T − 1), unless no first label counts.)"""
     windows, steps = _windows(), 3
     labels = windows.clone()
     labels[:, 0] = -100
+    tokens = (labels[:, 1:] != -100).sum()
+    micro = len(windows) // accumulate
     loop_net, trainer_net = gpt2(), gpt2()
     opt = tekfac.TEKFAC(loop_net, lr=0.05, fisher=fisher, **EVERY_STEP)
     for _ in range(steps):
-        out = loop_net(input_ids=windows, labels=labels,
-                       position_ids=huggingface.batch_position_ids(windows))
         opt.zero_grad()
-        opt.backward(out.loss, *huggingface.causal_lm_outputs(out.logits, labels))
+        for part in torch.arange(len(windows)).split(micro):
+            ids, targets = windows[part], labels[part]
+            out = loop_net(input_ids=ids, labels=targets, num_items_in_batch=tokens,
+                           position_ids=huggingface.batch_position_ids(ids))
+            opt.backward(out.loss, *huggingface.causal_lm_outputs(out.logits, targets))
         opt.step()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=len(windows),
-        save_strategy="no", report_to=[], max_grad_norm=0.0, use_cpu=True, disable_tqdm=True,
-        lr_scheduler_type="constant")
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulate, save_strategy="no", report_to=[],
+        max_grad_norm=0.0, use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant")
     data = [{"input_ids": w, "labels": v} for w, v in zip(windows, labels)]
     trainer = huggingface.TekfacTrainer(
         model=trainer_net, args=args, train_dataset=data,
@@ -240,6 +272,9 @@ def test_tekfac_trainer_refuses_another_optimizer_and_warns_about_clipping(tmp_p
     with pytest.raises(TypeError, match="Expected a tekfac optimizer"):
         huggingface.TekfacTrainer(model=net, args=args, train_dataset=[],
                                   optimizers=(torch.optim.SGD(net.parameters(), 0.1), None))
+    with pytest.raises(ValueError, match=r"damping_adaptive=True needs step\(closure\)"):
+        huggingface.TekfacTrainer(model=net, args=args, train_dataset=[],
+                                  optimizers=(tekfac.KFAC(net, damping_adaptive=True), None))
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 clips"):
         huggingface.TekfacTrainer(model=net, args=args, train_dataset=[],
                                   optimizers=(tekfac.KFAC(net), None))

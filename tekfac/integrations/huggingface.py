@@ -93,7 +93,10 @@ class TekfacTrainer(Trainer):
         if self.optimizer is None:
             raise ValueError("TekfacTrainer needs the tekfac optimizer: pass "
                              "optimizers=(tekfac.TEKFAC(model, ...), None)")
-        unwrap_optimizer(self.optimizer)
+        if unwrap_optimizer(self.optimizer).damping_adaptation is not None:
+            raise ValueError("damping_adaptive=True needs step(closure), which the Trainer does "
+                             "not give: build the optimizer without it (the Trainer calls "
+                             "optimizer.step())")
         if self.args.max_grad_norm:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={self.args.max_grad_norm} clips the gradient "
