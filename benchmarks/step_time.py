@@ -319,8 +319,9 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for k in range(rounds):
             for optimizer in args.optimizers:
-                for COMPILE in variants:  # read by build(), also in the forked child
-                    name = f"{optimizer}+compile" if COMPILE else optimizer
+                for compiled in variants:
+                    COMPILE = compiled  # read by build(), also in the forked child
+                    name = f"{optimizer}+compile" if compiled else optimizer
                     runs.setdefault(name, []).append(measure_isolated(
                         task_name, optimizer, steps, args.device, memory=k == 0))
         COMPILE = False

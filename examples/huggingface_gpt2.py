@@ -7,8 +7,9 @@ fortunes corpus, characters as tokens, in a plain loop or with the HF ``Trainer`
 What a GPT-2 needs (README, "Use with"):
 
 * its ``Conv1D`` projections get Kronecker blocks (``optimizer.describe()`` shows them);
-* ``position_ids`` expanded to the batch (``batch_position_ids``): the default ``(1, T)``
-  positions are broadcast over the batch, which the position embedding's block cannot see;
+* ``position_ids`` expanded to the batch (``batch_position_ids``, or the Trainer's
+  ``expand_position_ids=True``): the default ``(1, T)`` positions are broadcast over the
+  batch, which the position embedding's block cannot see;
 * the MC Fisher's labels in the loss's layout: ``causal_lm_outputs`` gives the flattened
   logits and the mask of the positions with a next token (``-100`` labels are left out).
 """
@@ -60,10 +61,9 @@ class Windows(Dataset):
         return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
 
 
-def train_loop(net: GPT2LMHeadModel, windows: torch.Tensor, steps: int, batch: int = 16
-               ) -> list[float]:
+def train_loop(net: GPT2LMHeadModel, opt: tekfac.TEKFAC, windows: torch.Tensor, steps: int,
+               batch: int = 16) -> list[float]:
     """A plain loop; the losses of its steps."""
-    opt = optimizer(net)
     losses = []
     for step in range(steps):
         ids = windows[(step * batch) % (len(windows) - batch):][:batch]
@@ -76,8 +76,8 @@ def train_loop(net: GPT2LMHeadModel, windows: torch.Tensor, steps: int, batch: i
     return losses
 
 
-def train_trainer(net: GPT2LMHeadModel, windows: torch.Tensor, steps: int, batch: int = 16
-                  ) -> list[float]:
+def train_trainer(net: GPT2LMHeadModel, opt: tekfac.TEKFAC, windows: torch.Tensor, steps: int,
+                  batch: int = 16) -> list[float]:
     """The same with ``TekfacTrainer``; the losses it logged."""
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
@@ -85,7 +85,7 @@ def train_trainer(net: GPT2LMHeadModel, windows: torch.Tensor, steps: int, batch
                                  max_grad_norm=0.0, use_cpu=True, disable_tqdm=True,
                                  lr_scheduler_type="constant")
         trainer = TekfacTrainer(model=net, args=args, train_dataset=Windows(windows),
-                                optimizers=(optimizer(net), None))
+                                optimizers=(opt, None), expand_position_ids=True)
         trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     logging.set_verbosity_error()
     windows = load_fortunes(args.data_dir).train_x
     net = model()
-    print(optimizer(net).describe())
-    losses = (train_trainer if args.trainer else train_loop)(net, windows, args.steps)
+    opt = optimizer(net)
+    print(opt.describe())
+    losses = (train_trainer if args.trainer else train_loop)(net, opt, windows, args.steps)
     print(f"loss: first {losses[0]:.3f}, last {losses[-1]:.3f} after {len(losses)} steps")
     return losses
 

@@ -12,7 +12,8 @@ under ``torch.no_grad``, or when recording is off.
 
 Calls are tagged with the model forward they belong to (a pre-hook on the model counts
 forwards); :meth:`Capture.batch` groups them per layer into a
-:class:`tekfac.records.LayerBatch`.
+:class:`tekfac.records.LayerBatch`. Under ``torch.compile`` the recording runs eagerly,
+outside the compiled graph, on statistics steps only.
 """
 
 from __future__ import annotations
@@ -46,23 +47,36 @@ class Capture:
         self.examples: int | None = None
         self.width = self.positions = 1
         self._forward = 0
-        self._handles = [model.register_forward_pre_hook(self._count_forward)]
+        self._input_batch: dict[int, int] = {}  # forward → the batch size of the model input
+        self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         self._handles += [layer.module.register_forward_hook(self._hook(layer))
                           for layer in layers]
 
-    def _count_forward(self, module: nn.Module, args: tuple) -> None:
+    def _count_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Number the forward, and note the batch size of its first tensor input (keyword
+        arguments included: Hugging Face models take only those)."""
         self._forward += 1
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor) and value.dim() > 0:
+                self._input_batch[self._forward] = value.shape[0]
+                break
 
     def _hook(self, layer: KroneckerLayer):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             self.examples = layer.batched(args[0]).shape[0]
             self.width = layer.d_out
             self.positions = output.numel() // max(self.examples * layer.d_out, 1)
-            if not (self.recording and module.training and torch.is_grad_enabled()
+            if (self.recording and module.training and torch.is_grad_enabled()
                     and output.requires_grad):
-                return
-            inputs = layer.batched(args[0].detach())
-            shape = output.shape if inputs.dim() == args[0].dim() else (1, *output.shape)
+                record(args[0], output)
+
+        # Under torch.compile the bookkeeping above is traced (steps without statistics keep
+        # whole graphs), while the recording runs eagerly, outside the graph: a graph break
+        # per tracked layer, on statistics steps only.
+        @torch.compiler.disable
+        def record(x: Tensor, output: Tensor) -> None:
+            inputs = layer.batched(x.detach())
+            shape = output.shape if inputs.dim() == x.dim() else (1, *output.shape)
             call = Call(self._forward, inputs, torch.Size(shape))
             target = _differentiated(output)
             if self.keep_edges:
@@ -72,11 +86,7 @@ class Capture:
             self.calls.setdefault(layer, []).append(call)
             self.last_layer = layer
 
-        # under torch.compile the hook runs eagerly, outside the graph: traced, its Python
-        # bookkeeping broke the graph at every recorded call and recompiled its frame once per
-        # layer (hitting dynamo's recompile limit); disabled, the compiled model keeps a few
-        # whole graphs and the same steps (tests/test_compile.py)
-        return torch.compiler.disable(forward_hook)
+        return forward_hook
 
     def pending(self) -> list[Call]:
         """Calls whose output still awaits the sampled backward (MC Fisher)."""
@@ -101,34 +111,39 @@ class Capture:
                     f"Layer {layer.name!r} was called on batches of different sizes {sizes} "
                     "within one forward; tekfac treats repeated calls in one forward as the same "
                     "examples (weight sharing). Exclude the layer or call it once per batch")
-            if sizes[0] == 1 or (isinstance(layer, EmbeddingLayer)
-                                 and group[0].inputs.dim() == 1):
+            if ((isinstance(layer, EmbeddingLayer) and group[0].inputs.dim() == 1)
+                    or (sizes[0] == 1 and self._input_batch.get(forward, 1) > 1)):
                 self._check_not_broadcast(layer, forward, sizes[0])
         return LayerBatch(layer, list(groups.values())) if groups else None
 
     def _check_not_broadcast(self, layer: KroneckerLayer, forward: int, count: int) -> None:
-        """Refuse a layer called on ``count`` examples (a batch of one, or an embedding's 1-d
-        input of ``count`` indices) when the other layers of the same forward see batches of
-        another size: an output broadcast over the batch — positions shared by the whole
-        batch (``wpe(torch.arange(T))``, a Hugging Face model's default ``position_ids`` of
-        shape ``(1, T)``), a learned query shared by every example — whose per-example
-        gradients are summed before any hook sees them."""
+        """Refuse a layer called on ``count`` examples — an embedding's 1-d input of ``count``
+        indices, or one example while the model's first input holds several — when the other
+        layers of the same forward see batches of another size: an output broadcast over the
+        batch (positions shared by the whole batch, ``wpe(torch.arange(T))``, a Hugging Face
+        model's default ``position_ids`` of shape ``(1, T)``; a learned query shared by every
+        example), whose per-example gradients are summed before any hook sees them. (A head
+        after flattening one sequence, ``T`` rows, next to layers that see its one example is
+        no broadcast: the model's input holds one example.)"""
         others = {c.num_examples for la, calls in self.calls.items() if la is not layer
                   for c in calls if c.forward == forward and c.inputs.dim() > 1}
-        if others and count not in others:
-            raise RuntimeError(
-                f"Layer {layer.name!r} ({_kind(layer)}) was called on an input of {count} "
-                f"example{'s' if count > 1 else ''} while the other layers of the same forward "
-                f"see batches of {sorted(others)}: an output shared by the whole batch (e.g. "
-                "the positions of wpe(torch.arange(T)), or a Hugging Face model's default "
-                "position_ids of shape (1, T)) is broadcast over the batch, so its per-example "
-                "gradients are lost. Give it inputs expanded to the batch "
-                "(wpe(torch.arange(T).expand(B, T)); for a Hugging Face model pass "
-                "position_ids=torch.arange(T).expand(B, T)), or exclude it")
+        if not others or count in others:
+            return
+        raise RuntimeError(
+            f"Layer {layer.name!r} ({_kind(layer)}) was called on an input of {count} "
+            f"example{'s' if count > 1 else ''} while the other layers of the same forward see "
+            f"batches of {sorted(others)}: an output shared by the whole batch (e.g. the "
+            "positions of wpe(torch.arange(T)), or a Hugging Face model's "
+            "default position_ids of shape (1, T)) is broadcast over the batch, so its "
+            "per-example gradients are lost. Give it inputs expanded to the batch "
+            "(wpe(torch.arange(T).expand(B, T)); for a Hugging Face model pass "
+            "position_ids=torch.arange(T).expand(B, T), or TekfacTrainer(..., "
+            "expand_position_ids=True)), or exclude it")
 
     def clear(self) -> None:
         """Forget this step's records."""
         self.calls.clear()
+        self._input_batch.clear()
         self.last_layer = None
 
     def remove(self) -> None:

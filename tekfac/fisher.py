@@ -164,9 +164,10 @@ def terms_shape(loss: str, outputs_shape: torch.Size) -> torch.Size:
     return outputs_shape[:dim] + outputs_shape[dim + 1:]
 
 
-def num_terms(loss: str, outputs_shape: torch.Size, mask: Tensor | None) -> int:
-    """The loss terms that enter the loss: the kept entries of ``mask``, else all."""
-    return int(mask.sum()) if mask is not None else terms_shape(loss, outputs_shape).numel()
+def num_terms(loss: str, outputs_shape: torch.Size, mask: Tensor | None) -> int | Tensor:
+    """The loss terms that enter the loss: the kept entries of ``mask`` (a 0-dim tensor, so
+    that counting needs no host synchronisation), else all."""
+    return mask.sum() if mask is not None else terms_shape(loss, outputs_shape).numel()
 
 
 def masked_terms(loss: str, outputs: Tensor, mask: Tensor | None) -> Tensor:
@@ -192,8 +193,10 @@ def sampled_loss(loss: str, outputs: Tensor, targets: Tensor, reduction: str,
     likelihood = LIKELIHOODS[loss]
     if mask is None:
         return likelihood.loss(outputs, targets, reduction=reduction)
-    total = (likelihood.loss(outputs, targets, reduction="none") * mask).sum()
-    return total / mask.sum() if reduction == "mean" else total
+    per_term = likelihood.loss(outputs, targets, reduction="none")
+    total = torch.where(mask, per_term, 0.0).sum()  # no NaN from an ignored term's outputs
+    # a micro-batch without a kept term adds zero gradients, not 0/0
+    return total / mask.sum().clamp_min(1) if reduction == "mean" else total
 
 
 class FisherKind:
@@ -228,7 +231,7 @@ class FisherKind:
         of the unscaled loss, for a step of ``num_examples`` examples."""
         raise NotImplementedError
 
-    def curvature_multiplier(self, terms: int, num_examples: int) -> float:
+    def curvature_multiplier(self, terms: float, num_examples: int) -> float:
         """``c`` such that ``c·F̂`` is the curvature of the loss as the user reduced it, for a
         batch of ``num_examples`` examples whose loss has ``terms`` terms (docs/design.md §1,
         §3; :func:`num_terms`).
@@ -237,10 +240,11 @@ class FisherKind:
         pixels: ``K = terms / N``, the terms that enter the loss per example), so
         ``F̂ ≈ E_i[J_iᵀ H J_i] / K²``, while the Hessian of ``l_i`` is ``Σ J_iᵀ H J_i / K``:
         ``c = K`` for a batch mean, whose curvature is the mean over examples; ``c = N`` for a
-        batch sum (``l_i`` then sums its terms)."""
+        batch sum (``l_i`` then sums its terms). A step without a kept term (whose gradient
+        is zero) counts as one."""
         if self.reduction == "sum":
             return float(num_examples)
-        return terms / num_examples
+        return max(terms, 1.0) / num_examples
 
     def record(self, outputs: Tensor, calls: Sequence[Call], step: int, width: int,
                mask: Tensor | None = None) -> None:

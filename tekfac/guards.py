@@ -4,6 +4,7 @@ A non-finite statistic or a failed eigendecomposition must skip that update and 
 last good state, and say so once; :func:`non_finite` finds the culprits with one host
 synchronisation, :func:`all_finite` checks a step's gradients without one, and
 :class:`Faults` warns once per place and cause and counts the later occurrences.
+:func:`user_stacklevel` makes a warning point at the user's line.
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def user_stacklevel() -> int:
     the first frame outside the tekfac package: the user's line, however deep inside
     tekfac the warning is raised (constructors reach the layer plan through different
     paths)."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
-

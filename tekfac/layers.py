@@ -419,11 +419,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Untracked(NamedTuple):
-    """A module with parameters of its own that gets no Kronecker block, and why."""
+    """A module with parameters of its own that gets no Kronecker block, why, and whether the
+    user said so (``exclude``)."""
 
     name: str
     module: nn.Module
     reason: str
+    excluded: bool = False
 
 
 def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | str] = (),
@@ -467,7 +469,7 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
         elif reason is None:
             layers.append(make_layer(name, module))
         else:
-            untracked.append(Untracked(name, module, reason))
+            untracked.append(Untracked(name, module, reason, id(module) in excluded))
     if refused:
         raise ValueError(
             f"Layers {', '.join(refused)} have gradients that no single Kronecker block fits "
@@ -492,22 +494,23 @@ def plan_layers(model: nn.Module, exclude: Iterable[nn.Module | nn.Parameter | s
 def _warn_unclaimed(model: nn.Module, untracked: list[Untracked]) -> None:
     """Warn about the modules left to the first-order step that hold a trainable parameter of
     two or more dimensions although nobody excluded them: most likely a layer kind tekfac does
-    not know (a library's own projection, ``nn.MultiheadAttention``'s ``in_proj_weight``),
-    which a user would otherwise believe preconditioned."""
-    unclaimed = [u for u in untracked
-                 if not u.reason.startswith(("excluded", "frozen"))
+    not know (a library's own projection, ``nn.MultiheadAttention``'s ``in_proj_weight``) or a
+    layer whose bias is frozen, which a user would otherwise believe preconditioned."""
+    unclaimed = [u for u in untracked if not u.excluded
                  and any(p.dim() >= 2 and p.requires_grad
                          for p in u.module.parameters(recurse=False))]
     if not unclaimed:
         return
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    share = sum(p.numel() for u in unclaimed for p in u.module.parameters(recurse=False)
-                if p.requires_grad) / max(total, 1)
+    trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+    left = {id(p) for u in unclaimed for p in u.module.parameters(recurse=False)
+            if id(p) in trainable}
+    share = sum(trainable[i] for i in left) / max(sum(trainable.values()), 1)
     names = ", ".join(f"{repr(u.name) if u.name else '(model)'} ({type(u.module).__name__})"
                       for u in unclaimed[:5])
     more = f" and {len(unclaimed) - 5} more" if len(unclaimed) > 5 else ""
     warnings.warn(
-        f"Modules {names}{more} hold 2-D weights that get no Kronecker block; they take the "
+        f"Modules {names}{more} hold weights of two or more dimensions that get no Kronecker "
+        "block; they take the "
         f"first-order step, {share:.1%} of the trainable parameters (describe() lists every "
         "module and why). Pass exclude=[...] with them (modules, name patterns, or for the "
         "model's own parameters the parameters) to silence this warning",

@@ -92,8 +92,9 @@ class Preconditioner:
         #: (place, cause) → the step it first occurred at and how often (checkpointed)
         self.faults = Faults()
         self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
-        self._outputs_shape: torch.Size | None = None  # of the outputs last given to backward
-        self._mask: Tensor | None = None  # and their terms that enter the loss
+        #: (loss terms, examples) of each backward of the step numbered ``_loss_terms_step``
+        self._loss_terms: list[tuple[int | Tensor, int]] = []
+        self._loss_terms_step = -1
         #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
         #: its step (adaptive damping), under ``torch.no_grad``
         self.probing = False
@@ -134,7 +135,8 @@ class Preconditioner:
         ``mask`` (``torch.bool``, the shape of the loss's terms: ``outputs`` without the class
         axis for the categorical losses) marks the terms that enter ``loss``, e.g.
         ``labels != -100`` for a loss with ``ignore_index=-100``: the others get no sampled
-        label, and neither they nor their count enter the curvature (docs/design.md §1).
+        label in the sampled loss, and neither they nor their count enter the curvature
+        (docs/design.md §4b).
         For gradient accumulation call it once per micro-batch, with each micro-batch's loss
         divided by the number of micro-batches (so that the sum is the full-batch mean).
 
@@ -147,7 +149,10 @@ class Preconditioner:
             return
         c = self.config
         check_mask(c.loss, outputs, mask)
-        self._outputs_shape, self._mask = outputs.shape, mask
+        if self._loss_terms_step != self.steps:  # the first backward of a step
+            self._loss_terms, self._loss_terms_step = [], self.steps
+        self._loss_terms.append((num_terms(c.loss, outputs.shape, mask),
+                                 self.capture.examples or 1))
         bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
         self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
         pending = self.capture.pending()
@@ -202,6 +207,7 @@ class Preconditioner:
 
     def _forget_step(self) -> None:
         """Drop everything this step recorded; reductions in flight are awaited first."""
+        self._loss_terms = []
         self.work.clear(wait=True)
         self.capture.clear()
         self.fisher.end_step()
@@ -209,20 +215,23 @@ class Preconditioner:
 
     def curvature_multiplier(self) -> float:
         """``c`` such that ``c·F̂`` is the curvature of the user's loss (docs/design.md §3),
-        from the outputs (and mask) last given to :meth:`backward` and the example count of the
-        latest call of a tracked layer (see :meth:`tekfac.fisher.FisherKind.curvature_multiplier`).
-        After a plain ``loss.backward()`` (empirical Fisher) the loss is taken to be computed
-        from the output of the latest tracked layer called: its class axis, for the
-        categorical losses, is that layer's output features or channels."""
+        from the loss terms (kept by their masks) and examples of this step's calls of
+        :meth:`backward`, all micro-batches together: ``K = Σ terms / Σ examples`` (see
+        :meth:`tekfac.fisher.FisherKind.curvature_multiplier`). After a plain
+        ``loss.backward()`` (empirical Fisher) the loss is taken to be computed from the
+        output of the latest tracked layer called (its class axis, for the categorical
+        losses, is that layer's output features or channels), on that call's examples."""
         cap = self.capture
         if cap.examples is None:
             raise RuntimeError("The curvature of the loss needs a forward pass of the model "
                                "first")
-        shape = self._outputs_shape
-        if shape is None:
+        if self._loss_terms and self._loss_terms_step >= self.steps - 1:  # this step's
+            terms = float(sum(t for t, _ in self._loss_terms))
+            examples = sum(n for _, n in self._loss_terms)
+        else:
             shape = torch.Size((cap.examples, cap.width, cap.positions))
-        terms = num_terms(self.config.loss, shape, self._mask)
-        return self.fisher.curvature_multiplier(terms, cap.examples)
+            terms, examples = float(num_terms(self.config.loss, shape, None)), cap.examples
+        return self.fisher.curvature_multiplier(terms, examples)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""

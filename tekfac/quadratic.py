@@ -80,8 +80,8 @@ def output_gram(loss: str, reduction: str, outputs: Tensor, products: Sequence[T
     likelihood = LIKELIHOODS[loss]
     f = outputs.detach().double()
     jv = [masked_terms(loss, p.double(), mask) for p in products]
-    terms = num_terms(loss, f.shape, mask)
-    scale = 1.0 / max(terms, 1) if reduction == "mean" else 1.0
+    terms = float(num_terms(loss, f.shape, mask))
+    scale = 1.0 / max(terms, 1.0) if reduction == "mean" else 1.0
     k = len(jv)
     gram = torch.zeros(k, k, dtype=torch.float64)
     for i in range(k):

@@ -1,6 +1,6 @@
 """``torch.compile``: a compiled model takes the steps of the eager one, with every method and
 both Fishers, whether compiled by ``torch.compile(model)`` or ``model.compile()``; names are the
-bare model's; the hooks' graph breaks happen on statistics steps only."""
+bare model's; the hooks break the graph on statistics steps only."""
 
 from __future__ import annotations
 
@@ -71,16 +71,27 @@ def test_a_compiled_model_has_the_bare_models_names():
 
 
 def test_graph_breaks_come_from_statistics_steps_only():
-    """Steps that record nothing compile without a break: the hooks return before their
-    bookkeeping (a recompilation for the other value of ``recording`` is allowed)."""
+    """A forward that records nothing compiles to the graph of the model without an optimizer
+    (every call captured, no break): the hooks' bookkeeping is traced. A recording forward
+    breaks the graph at the tracked layers, whose recording runs eagerly."""
     from torch._dynamo.utils import counters
 
-    model = net()
-    compiled = torch.compile(model)
-    opt = tekfac.KFAC(compiled, fisher="mc", cov_update_freq=4, eigen_update_freq=4)
-    counters.clear()
-    train(compiled, opt, "mc", steps=1)  # a statistics step
-    assert sum(counters["graph_break"].values()) > 0
-    counters.clear()
-    train(compiled, opt, "mc", steps=3)  # three steps without statistics
-    assert sum(counters["graph_break"].values()) == 0
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64)
+
+    def compiled_forward(recording: bool | None) -> tuple[int, int, int]:
+        """Graph breaks, graphs and calls captured when compiling one forward."""
+        torch._dynamo.reset()
+        counters.clear()
+        model = net()
+        if recording is not None:
+            tekfac.KFAC(model).preconditioner.capture.recording = recording
+        torch.compile(model)(x)
+        stats = counters["stats"]
+        return (sum(counters["graph_break"].values()), stats["unique_graphs"],
+                stats["calls_captured"])
+
+    whole = compiled_forward(None)
+    assert whole[:2] == (0, 1)
+    assert compiled_forward(False) == whole
+    breaks, graphs, _ = compiled_forward(True)
+    assert breaks > 0 and graphs > 1

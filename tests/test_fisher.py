@@ -194,3 +194,38 @@ def test_a_mask_that_does_not_fit_the_terms_is_refused(mask):
     with pytest.raises(ValueError, match=r"Invalid mask: expected a torch.bool tensor of "
                                          r"shape \(24,\)"):
         opt.backward(user_loss("cross_entropy", outputs), outputs, mask=mask)
+
+
+def test_a_batch_of_one_sequence_with_a_flattened_head_is_not_a_broadcast():
+    """The head after flattening sees the sequence's ``T`` rows while the layer before it sees
+    one example: a batch of one, not an output shared by a batch (which is refused)."""
+    net = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Flatten(0, 1), nn.Linear(6, C)).double()
+    opt = tekfac.KFAC(net, cov_update_freq=1)
+    for n in (2, 1):
+        out = net(torch.randn(n, T, D, dtype=torch.float64))
+        opt.zero_grad()
+        opt.backward(user_loss("cross_entropy", out), out)
+        opt.step()
+    assert opt.preconditioner.steps == 2
+
+
+def test_c_counts_the_kept_terms_of_all_micro_batches_in_any_order():
+    """Two micro-batches with different kept densities: ``c = Σ M_j / Σ N_j`` whichever comes
+    first (and a micro-batch without a kept term adds zeros, not NaN)."""
+    net = sequence_model()
+    x = torch.randn(2 * N, T, D, dtype=torch.float64)
+    masks = [torch.rand(N * T, generator=torch.Generator().manual_seed(2)) < 0.3,
+             torch.zeros(N * T, dtype=torch.bool)]
+    expected = sum(m.sum().item() for m in masks) / (2 * N)
+    for order in ((0, 1), (1, 0)):
+        opt = tekfac.KFAC(net, seed=0, cov_update_freq=1, stat_decay=0.0)
+        opt.zero_grad()
+        for j in order:
+            outputs = net(x[j * N:(j + 1) * N]).reshape(-1, C)
+            labels = outputs.detach().argmax(1).masked_fill(~masks[j], -100)
+            loss = F.cross_entropy(outputs, labels, reduction="sum") / (masks[0].sum() * 2)
+            opt.backward(loss, outputs, mask=masks[j])
+        opt.step()
+        assert opt.preconditioner.curvature_multiplier() == pytest.approx(expected)
+        assert not opt.faults
+        assert all(p.isfinite().all() for p in net.parameters())

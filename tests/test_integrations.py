@@ -132,7 +132,7 @@ def test_the_tiny_hf_models_take_mc_steps(name):
     assert flat(net).isfinite().all() and not torch.equal(flat(net), before)
 
 
-def test_a_module_no_layer_kind_claims_is_warned_about_once_with_its_share():
+def test_a_module_no_layer_kind_claims_is_warned_about_with_its_share():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
@@ -257,10 +257,24 @@ def test_tekfac_trainer_takes_the_steps_of_the_plain_loop(fisher, accumulate, ar
     data = [{"input_ids": w, "labels": v} for w, v in zip(windows, labels)]
     trainer = huggingface.TekfacTrainer(
         model=trainer_net, args=args, train_dataset=data,
-        optimizers=(tekfac.TEKFAC(trainer_net, lr=0.05, fisher=fisher, **EVERY_STEP), None))
+        optimizers=(tekfac.TEKFAC(trainer_net, lr=0.05, fisher=fisher, **EVERY_STEP), None),
+        expand_position_ids=True)
     trainer.train()
     assert argmax_sampler or fisher == "empirical"
     torch.testing.assert_close(flat(trainer_net), flat(loop_net), rtol=1e-8, atol=1e-10)
+
+
+def test_tekfac_trainer_without_per_example_positions_says_how_to_get_them(tmp_path):
+    net = gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+        save_strategy="no", report_to=[], max_grad_norm=0.0, use_cpu=True, disable_tqdm=True)
+    windows = _windows()
+    trainer = huggingface.TekfacTrainer(
+        model=net, args=args, train_dataset=[{"input_ids": w, "labels": w} for w in windows],
+        optimizers=(tekfac.KFAC(net, fisher="empirical", **EVERY_STEP), None))
+    with pytest.raises(RuntimeError, match=r"'transformer.wpe'.*expand_position_ids=True"):
+        trainer.train()
 
 
 def test_tekfac_trainer_refuses_another_optimizer_and_warns_about_clipping(tmp_path):

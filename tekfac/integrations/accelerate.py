@@ -22,12 +22,8 @@ from tekfac.integrations import unwrap_optimizer
 
 __all__ = ["backward"]
 
-#: accelerate's engines tekfac refuses, and why.
-UNSUPPORTED = {
-    DistributedType.DEEPSPEED: "it runs its own backward and optimizer",
-    DistributedType.MEGATRON_LM: "it runs its own backward and optimizer",
-    DistributedType.FSDP: "sharded parameters are not supported yet",
-}
+#: accelerate's engines that tekfac supports: one process and data parallelism.
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def backward(accelerator: Accelerator, optimizer: Optimizer, loss: Tensor, outputs: Tensor,
@@ -38,7 +34,7 @@ def backward(accelerator: Accelerator, optimizer: Optimizer, loss: Tensor, outpu
     ``optimizer.backward(loss, outputs, mask=mask)``.
 
     Raises:
-        ValueError: for the engines in :data:`UNSUPPORTED`; for an accelerator's
+        ValueError: for the engines not in :data:`SUPPORTED`; for an accelerator's
             ``GradScaler`` that the optimizer was not given.
         TypeError: for keyword arguments (``accelerator.backward`` passes them to
             ``loss.backward``, which tekfac calls itself).
@@ -47,9 +43,10 @@ def backward(accelerator: Accelerator, optimizer: Optimizer, loss: Tensor, outpu
     if kwargs:
         raise TypeError(f"tekfac's backward takes no loss.backward() arguments, got "
                         f"{sorted(kwargs)}")
-    if accelerator.distributed_type in UNSUPPORTED:
+    if accelerator.distributed_type not in SUPPORTED:
         raise ValueError(f"tekfac does not support accelerate's {accelerator.distributed_type} "
-                         f"({UNSUPPORTED[accelerator.distributed_type]}); it supports one "
+                         "(DeepSpeed and Megatron-LM run their own backward and optimizer; "
+                         "sharded parameters, FSDP, are not supported yet); it supports one "
                          "process and data parallelism (NO, MULTI_CPU, MULTI_GPU)")
     loss = loss / accelerator.gradient_accumulation_steps
     scaler = accelerator.scaler

@@ -12,7 +12,7 @@ GPT-2's projections (``transformers.pytorch_utils.Conv1D``) get Kronecker blocks
 ``nn.Linear`` (:class:`tekfac.layers.TransposedLinearLayer`). Position embeddings called
 on the default ``position_ids`` of shape ``(1, T)`` are broadcast over the batch, which no
 Kronecker block can see per example: pass :func:`batch_position_ids` as ``position_ids``
-(:class:`TekfacTrainer` does).
+(``TekfacTrainer(..., expand_position_ids=True)`` does).
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def loss_outputs(model: nn.Module, logits: Tensor, labels: Tensor | None
 
 
 def batch_position_ids(input_ids: Tensor) -> Tensor:
-    """``torch.arange(T)`` expanded to the batch, ``(N, T)``: the positions a model assumes
-    by default, one row per example, so that a position embedding sees each example."""
-    n, t = input_ids.shape[:2]
-    return torch.arange(t, device=input_ids.device).expand(n, t)
+    """``torch.arange(T)`` expanded to the leading dimensions of ``input_ids`` (``(N, T)``, or
+    ``(N, C, T)`` for multiple choice): the positions that GPT-2 and BERT assume by default,
+    one row per example, so that a position embedding sees each example."""
+    t = input_ids.shape[-1]
+    return torch.arange(t, device=input_ids.device).expand(input_ids.shape)
 
 
 class TekfacTrainer(Trainer):
@@ -79,20 +80,30 @@ class TekfacTrainer(Trainer):
 
     Give it the optimizer as usual, ``optimizers=(optimizer, scheduler_or_None)``. Each
     training step's backward becomes ``optimizer.backward(loss, outputs, mask=mask)`` (with
-    ``accelerate``'s scaling for gradient accumulation and mixed precision), the outputs
-    and mask given by :meth:`loss_outputs`. Inputs with ``input_ids`` and no
-    ``position_ids`` get :func:`batch_position_ids` when the model takes them.
+    ``accelerate``'s scaling), the outputs and mask given by :meth:`loss_outputs`. Gradient
+    accumulation works; fp16 mixed precision (a ``GradScaler``) is refused, bf16 needs none.
+
+    ``expand_position_ids=True`` gives inputs with ``input_ids`` and no ``position_ids`` the
+    positions :func:`batch_position_ids`: for models whose default positions are
+    ``arange(T)`` shared by the batch (GPT-2, BERT), which tekfac refuses otherwise. Leave it
+    off for models that number positions their own way (RoBERTa counts from its padding
+    index) or have no position embedding (Llama).
 
     The Trainer clips the gradient norm to ``max_grad_norm`` (default 1.0) before the step,
     which rescales the gradient that the curvature preconditions; tekfac's own bound on the
     step is ``kl_clip``. A warning says so unless ``max_grad_norm=0``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, expand_position_ids: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.expand_position_ids = expand_position_ids
         if self.optimizer is None:
             raise ValueError("TekfacTrainer needs the tekfac optimizer: pass "
                              "optimizers=(tekfac.TEKFAC(model, ...), None)")
+        if self.accelerator.scaler is not None:
+            raise ValueError("TekfacTrainer does not support fp16 mixed precision (its "
+                             "GradScaler is made after the optimizer); use bf16=True, or a "
+                             "plain loop with tekfac.TEKFAC(..., grad_scaler=scaler)")
         if unwrap_optimizer(self.optimizer).damping_adaptation is not None:
             raise ValueError("damping_adaptive=True needs step(closure), which the Trainer does "
                              "not give: build the optimizer without it (the Trainer calls "
@@ -113,8 +124,8 @@ class TekfacTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
-        if "input_ids" in inputs and "position_ids" not in inputs and _accepts(
-                model, "position_ids"):
+        if (self.expand_position_ids and "input_ids" in inputs and "position_ids" not in inputs
+                and _accepts(self.accelerator.unwrap_model(model), "position_ids")):
             inputs = {**inputs, "position_ids": batch_position_ids(inputs["input_ids"])}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
