@@ -414,6 +414,41 @@ def test_lightning_automatic_optimisation_takes_the_steps_of_the_plain_loop(fish
     torch.testing.assert_close(flat(net), flat(reference), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_lightning_manual_optimisation_takes_the_steps_of_the_plain_loop(fisher):
+    pl = pytest.importorskip("lightning.pytorch")
+    from tekfac.integrations.lightning import TekfacBackward
+
+    class Classifier(TekfacBackward, pl.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            xb, yb = batch
+            out = self.net(xb)
+            self.tekfac_outputs(out)
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(out, yb))
+            opt.step()
+
+        def configure_optimizers(self):
+            return tekfac.TEKFAC(self.net, lr=0.1, fisher=fisher, **EVERY_STEP)
+
+    x, y = _classification_data()
+    reference, net = _classifier(), _classifier()
+    _plain_loop(reference, fisher, x, y, batch=8, accumulate=1, steps=2)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on data-loader workers
+        trainer.fit(Classifier(net), torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8))
+    torch.testing.assert_close(flat(net), flat(reference), rtol=1e-10, atol=1e-12)
+
+
 def test_lightning_backward_without_named_outputs_says_what_to_do():
     pytest.importorskip("lightning.pytorch")
     from tekfac.integrations.lightning import TekfacBackward
