@@ -30,6 +30,12 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 
+def method_name(factors: str, scaling: str) -> str:
+    """The name of the method with these kinds (``"TEKFAC"``), or a description."""
+    names = [name.upper() for name, kinds in METHODS.items() if kinds == (factors, scaling)]
+    return names[0] if names else "another method"
+
+
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     """``ValueError`` unless ``value`` is one of ``allowed``."""
     allowed = tuple(allowed)

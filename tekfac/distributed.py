@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tekfac.state import BASIS_KEYS, state_shapes
+from tekfac.state import state_shapes
 from tekfac.truncation import grid_length
 
 if TYPE_CHECKING:
@@ -67,12 +67,15 @@ class Communicator:
         self.wait_s = 0.0
 
     # ------------------------------------------------------------------ statistics
-    def weighted_mean_async(self, items: Sequence[tuple[list[Tensor], float]]) -> PendingMean:
+    def weighted_mean_async(self, items: Sequence[tuple[list[Tensor], float]],
+                            dst: int | None = None) -> PendingMean:
         """Launch the global weighted means: for item ``k`` with local tensors ``t_k`` and
         weight ``w_k`` (this rank's example count), ``PendingMean.wait()`` returns
-        ``(Σ_r w_k^r t_k^r / W_k, W_k)`` with ``W_k = Σ_r w_k^r``. Every rank must pass items
-        of the same shapes in the same order (zeros with weight 0 where it has none). Tensors
-        of a zero total are returned as zeros. Without a group the items are returned as is.
+        ``(Σ_r w_k^r t_k^r / W_k, W_k)`` with ``W_k = Σ_r w_k^r``, on every rank or, with
+        ``dst``, on rank ``dst`` only (a reduce; the other ranks get meaningless values).
+        Every rank must pass items of the same shapes in the same order (zeros with weight 0
+        where it has none). Tensors of a zero total are returned as zeros. Without a group
+        the items are returned as is.
         """
         if not self.active:
             return PendingMean(self, [(list(tensors), weight) for tensors, weight in items])
@@ -83,8 +86,12 @@ class Communicator:
         for bucket in _buckets(flat):
             packed = torch.cat([flat[i] for i in bucket])
             self.bytes_sent += packed.numel() * packed.element_size()
-            works.append((bucket, packed, self._call(dist.all_reduce, packed,
-                                                     group=self.group, async_op=True)))
+            if dst is None:
+                work = self._call(dist.all_reduce, packed, group=self.group, async_op=True)
+            else:
+                work = self._call(dist.reduce, packed, dst=self.global_rank(dst),
+                                  group=self.group, async_op=True)
+            works.append((bucket, packed, work))
         return PendingMean(self, [([t.shape for t in tensors], 0.0) for tensors, _ in items],
                            works, [t.numel() for t in flat])
 
@@ -133,25 +140,42 @@ class Communicator:
             packed = torch.cat([t.reshape(-1) for i in items for t in parts[i]])
             if owner == self.rank:
                 self.bytes_sent += packed.numel() * packed.element_size()
-            self._call(dist.broadcast, packed, src=dist.get_global_rank(self.group, owner)
-                       if self.group is not None else owner, group=self.group)
+            self._call(dist.broadcast, packed, src=self.global_rank(owner), group=self.group)
             if owner != self.rank:
                 pos = 0
                 for i in items:
                     unpacked = []
                     for t in templates[i]:
-                        unpacked.append(packed[pos:pos + t.numel()].reshape(t.shape))
+                        unpacked.append(packed[pos:pos + t.numel()].reshape(t.shape).to(t.dtype))
                         pos += t.numel()
                     results[i] = unpacked
         return results  # type: ignore[return-value]
 
+    def global_rank(self, rank: int) -> int:
+        """The global rank of ``rank`` of this group."""
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
     def _call(self, fn: Callable, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (RuntimeError, ValueError) as e:  # gloo/NCCL errors when a peer is gone
-            raise RuntimeError(
-                f"tekfac: a collective on rank {self.rank} of {self.size} failed; another rank "
-                f"probably crashed or left the process group ({e})") from e
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            if _peer_lost(e):
+                raise RuntimeError(
+                    f"tekfac: a collective on rank {self.rank} of {self.size} failed; another "
+                    f"rank probably crashed or left the process group ({e})") from e
+            raise RuntimeError(f"tekfac: a collective on rank {self.rank} of {self.size} "
+                               f"failed: {e}") from e
+
+
+#: Words of gloo's and NCCL's errors when a peer is gone (closed, reset or timed-out links).
+_LOST_PEER = ("connection", "closed", "reset by peer", "timed out", "timeout", "broken pipe",
+              "aborted", "remote process", "socket")
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """Whether a collective's error says that another rank is gone (not a bad argument)."""
+    message = str(error).lower()
+    return any(word in message for word in _LOST_PEER)
 
 
 class PendingMean:
@@ -211,18 +235,21 @@ class WorkSplit:
     Args:
         comm: the process group, or none.
         layers: the tracked layers, in the same order on every rank.
-        owner_mode: each layer's basis lives on one rank only (``distributed_mode='owner'``),
-            which preconditions that layer and broadcasts the direction.
+        owner_mode: each layer's curvature (factors, basis, scaling) lives on one rank only
+            (``distributed_mode='owner'``), which receives its statistics by a reduce,
+            preconditions the layer and broadcasts the direction.
+        factor_dtype: the statistics' dtype (``None``: each layer's weight dtype).
 
     Attributes:
-        owners: layer → the rank that keeps its basis ('owner' mode in a process group), else
-            ``None`` (every rank keeps every basis).
+        owners: layer → the rank that keeps its curvature ('owner' mode in a process group),
+            else ``None`` (every rank keeps every layer's).
     """
 
-    def __init__(self, comm: Communicator, layers: Sequence[KroneckerLayer], owner_mode: bool):
-        self.comm = comm
+    def __init__(self, comm: Communicator, layers: Sequence[KroneckerLayer], owner_mode: bool,
+                 factor_dtype: torch.dtype | None = None):
+        self.comm, self.factor_dtype = comm, factor_dtype
         self.layers = list(layers)
-        #: statistics kind → the reductions launched this step (one per micro-batch)
+        #: statistics kind → the reductions launched this step (one per owner and micro-batch)
         self._in_flight: dict[str, list[tuple[list[KroneckerLayer], PendingMean]]] = {}
         self.owners: dict[KroneckerLayer, int] | None = None
         if owner_mode and comm.active:
@@ -230,8 +257,20 @@ class WorkSplit:
             self.owners = dict(zip(layers, comm.assign(costs)))
 
     def mine(self, layer: KroneckerLayer) -> bool:
-        """Whether this rank keeps the layer's basis (always, unless in 'owner' mode)."""
+        """Whether this rank keeps the layer's curvature (always, unless in 'owner' mode)."""
         return self.owners is None or self.owners[layer] == self.comm.rank
+
+    def _groups(self, layers: Sequence[KroneckerLayer]
+                ) -> Iterator[tuple[int | None, list[KroneckerLayer]]]:
+        """``layers`` by owner, in rank order: ``(owner, its layers)``; ``(None, layers)``
+        without owners."""
+        if self.owners is None:
+            yield None, list(layers)
+            return
+        for owner in range(self.comm.size):
+            group = [la for la in layers if self.owners[la] == owner]
+            if group:
+                yield owner, group
 
     def padded(self, stats: dict[KroneckerLayer, Weighted], layers: Sequence[KroneckerLayer],
                zeros: Callable[[KroneckerLayer], list[Tensor]]) -> dict[KroneckerLayer, Weighted]:
@@ -244,22 +283,23 @@ class WorkSplit:
 
     def launch(self, kind: str, stats: dict[KroneckerLayer, Weighted]) -> None:
         """Launch the cross-rank mean of one micro-batch's ``kind`` statistics ``stats``
-        (:meth:`padded`), to be awaited by :meth:`reduced`."""
-        layers = list(stats)
-        self._in_flight.setdefault(kind, []).append(
-            (layers, self.comm.weighted_mean_async([stats[la] for la in layers])))
+        (:meth:`padded`), to be awaited by :meth:`reduced`: an all-reduce, or a reduce onto
+        each layer's owner."""
+        for owner, layers in self._groups(list(stats)):
+            self._in_flight.setdefault(kind, []).append((layers, self.comm.weighted_mean_async(
+                [stats[la] for la in layers], dst=owner)))
 
     def reduced(self, kind: str, compute: Callable[[], dict[KroneckerLayer, Weighted]]
                 ) -> dict[KroneckerLayer, Weighted]:
         """Layer → (global mean of its ``kind`` statistics, global example count) for this
-        step: the reductions launched so far, micro-batches combined by their example counts
-        (layers in their order), or, if none was launched, those of ``compute()`` now."""
+        step, for the layers this rank keeps: the reductions launched so far, micro-batches
+        combined by their example counts (layers in their order), or, if none was launched,
+        those of ``compute()`` now."""
         if not self._in_flight.get(kind):
             self.launch(kind, compute())
-        parts = [dict(zip(layers, pending.wait())) for layers, pending in self._in_flight[kind]]
+        parts = [{la: mean for la, mean in zip(layers, pending.wait()) if self.mine(la)}
+                 for layers, pending in self._in_flight[kind]]
         self._in_flight[kind].clear()
-        if len(parts) == 1:
-            return parts[0]
         got = {la: [part[la] for part in parts if la in part] for la in self.layers}
         return {la: weighted_mean(items) for la, items in got.items() if items}
 
@@ -296,26 +336,78 @@ class WorkSplit:
         (``templates[i]``: tensors of the shapes and dtypes it returns)."""
         return self.comm.share([self.owners[la] for la in layers], compute, templates)
 
-    def owned_bases(self, states: dict[KroneckerLayer, LayerState],
-                    zeros: Callable[..., Tensor]) -> list[dict[str, Tensor]]:
-        """Every layer's basis fields (:data:`tekfac.state.BASIS_KEYS`), broadcast from its
-        owner ('owner' mode; empty where the owner has no basis yet). ``zeros(layer, *shape)``
-        makes the receive buffers."""
+    def owned_state(self, states: dict[KroneckerLayer, LayerState]) -> list[dict[str, Tensor]]:
+        """Per layer, the state fields that only its owner keeps (all of them), broadcast
+        from the owner; empty dicts without owners. A collective: call it on every rank."""
         layers = list(states)
-        keys = [[k for k in BASIS_KEYS if k in state_shapes(la)] for la in layers]
-        templates = [[zeros(la, *state_shapes(la)[k]).fill_(float("nan")) for k in names]
-                     for la, names in zip(layers, keys)]
+        if self.owners is None:
+            return [{} for _ in layers]
+        keys = [list(state_shapes(la)) for la in layers]
+        shared = self.from_owners(
+            layers, lambda i: self._message(layers[i], states[layers[i]], keys[i]),
+            [self._templates(la, names) for la, names in zip(layers, keys)])
+        return [_flagged(names, values) for names, values in zip(keys, shared)]
 
-        def held(i: int) -> list[Tensor]:
-            state = states[layers[i]]
-            if not state.has_basis:
-                return templates[i]
-            return [getattr(state, k) for k in keys[i]]
+    def bases(self, states: dict[KroneckerLayer, LayerState]
+              ) -> Iterator[tuple[KroneckerLayer, Tensor | None, Tensor | None]]:
+        """``(layer, U_in, U_out)`` (``None``: a diagonal side) of every layer that has a
+        basis. Where layers have owners this is a collective: each owner broadcasts its
+        layers' bases in turn, so that a rank holds at most one other owner's at a time."""
+        for owner, layers in self._groups(self.layers):
+            if owner is None:
+                yield from ((la, states[la].basis_in, states[la].basis_out) for la in layers
+                            if states[la].has_basis)
+                continue
+            keys = [[k for k in ("basis_in", "basis_out") if k in state_shapes(la)]
+                    for la in layers]
+            shared = self.comm.share(
+                [owner] * len(layers),
+                lambda i, ls=layers, ks=keys: self._message(ls[i], states[ls[i]], ks[i]),
+                [self._templates(la, names) for la, names in zip(layers, keys)])
+            for layer, names, message in zip(layers, keys, shared):
+                if message[0][-1]:  # the owner has a basis
+                    held = _flagged(names, message)
+                    yield layer, held.get("basis_in"), held.get("basis_out")
 
-        shared = self.from_owners(layers, held, templates)
-        return [dict(zip(names, values)) if bool(torch.isfinite(values[0]).all()) else {}
-                for names, values in zip(keys, shared)]
+    def knows_bases(self, states: dict[KroneckerLayer, LayerState]) -> bool:
+        """Whether every rank holds every layer's basis (no owners, and each has one)."""
+        return self.owners is None and all(states[la].has_basis for la in self.layers)
 
+    def _templates(self, layer: KroneckerLayer, keys: Sequence[str]) -> list[Tensor]:
+        """Receive buffers of :meth:`_message` for ``keys`` of ``layer``'s state."""
+        shapes = state_shapes(layer)
+        return [self.zeros(layer, len(keys) + 1)] + [
+            self.zeros(layer, *shapes[k]).to(torch.float64 if k.endswith("_weight") else None)
+            for k in keys]
+
+    def _message(self, layer: KroneckerLayer, state: LayerState, keys: Sequence[str]
+                 ) -> list[Tensor]:
+        """``[flags, *values]`` of ``keys`` of ``state`` for a broadcast: ``flags[k]`` is 1
+        where the field is set (else its value is zeros), the last whether it has a basis."""
+        templates = self._templates(layer, keys)
+        values = [getattr(state, k) for k in keys]
+        templates[0].copy_(torch.tensor([v is not None for v in values] + [state.has_basis]))
+        return templates[:1] + [t if v is None else v for v, t in zip(values, templates[1:])]
+
+    def drop_unkept(self, layer: KroneckerLayer, state: LayerState) -> None:
+        """Forget what this rank does not keep of ``layer``'s ``state`` (a checkpoint's)."""
+        if not self.mine(layer):
+            for key in state_shapes(layer):
+                setattr(state, key, None)
+
+    def dtype(self, layer: KroneckerLayer) -> torch.dtype:
+        """The dtype of the layer's statistics: ``factor_dtype``, or its weight's."""
+        return self.factor_dtype or layer.module.weight.dtype
+
+    def zeros(self, layer: KroneckerLayer, *shape: int) -> Tensor:
+        """Zeros of ``shape`` in the layer's statistics dtype, on its weight's device."""
+        return torch.zeros(shape, dtype=self.dtype(layer), device=layer.module.weight.device)
+
+
+def _flagged(keys: Sequence[str], message: list[Tensor]) -> dict[str, Tensor]:
+    """The fields of a :meth:`WorkSplit._message` that were set."""
+    flags = message[0].tolist()
+    return {key: value for key, value, flag in zip(keys, message[1:], flags) if flag}
 
 
 def _buckets(flat: list[Tensor]) -> list[list[int]]:

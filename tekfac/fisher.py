@@ -170,6 +170,35 @@ def num_terms(loss: str, outputs_shape: torch.Size, mask: Tensor | None) -> int 
     return mask.sum() if mask is not None else terms_shape(loss, outputs_shape).numel()
 
 
+class LossTerms:
+    """The loss terms and examples of each backward call of a step, for ``c``.
+
+    ``c`` (:meth:`FisherKind.curvature_multiplier`) is read from the terms kept by the masks
+    and the examples of all micro-batches of the step together: ``K = Σ terms / Σ examples``.
+    """
+
+    def __init__(self):
+        self._calls: list[tuple[int | Tensor, int]] = []
+        self._step = -1
+
+    def add(self, step: int, terms: int | Tensor, examples: int) -> None:
+        """Count one backward call of step ``step`` (the first of a step forgets the last's)."""
+        if self._step != step:
+            self._calls, self._step = [], step
+        self._calls.append((terms, examples))
+
+    def clear(self) -> None:
+        """Forget the current step's calls (a skipped step)."""
+        self._calls = []
+
+    def counts(self, step: int) -> tuple[float, int] | None:
+        """``(Σ terms, Σ examples)`` of step ``step`` (or of the step before it, which
+        ``step`` follows once the curvature is updated), or ``None`` if it had no call."""
+        if not self._calls or self._step < step - 1:
+            return None
+        return float(sum(t for t, _ in self._calls)), sum(n for _, n in self._calls)
+
+
 def masked_terms(loss: str, outputs: Tensor, mask: Tensor | None) -> Tensor:
     """``outputs`` with every entry of a term outside ``mask`` set to zero (a direction that
     moves those outputs changes no term of the loss)."""

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tekfac import patch_moments
 from tekfac.chunks import example_ranges
 from tekfac.guards import user_stacklevel
+from tekfac.sharding import full, shard_like
 
 
 class KroneckerLayer:
@@ -103,14 +104,21 @@ class KroneckerLayer:
     def gradient_matrix(self, weight_decay: float | Sequence[float] = 0.0) -> Tensor | None:
         """``[dW.flatten(1) | db]`` of shape ``(d_out, d_in)``, plus ``wd·M`` (one ``wd``, or
         one per parameter of :attr:`params`: ``[wd_W·W | wd_b·b]``), or ``None`` when the
-        layer received no gradient."""
+        layer received no gradient. Sharded parameters' pieces are gathered whole
+        (:func:`tekfac.sharding.full`, a collective: every rank calls it for every layer)."""
         params = self.params
         if any(p.grad is None for p in params):
             return None
         decay = ([weight_decay] * len(params) if isinstance(weight_decay, (int, float))
                  else weight_decay)
-        return self.matrix([p.grad + wd * p.detach() if wd else p.grad
-                             for p, wd in zip(params, decay)])
+        return self.matrix([full(p.grad + wd * p.detach() if wd else p.grad)
+                            for p, wd in zip(params, decay)])
+
+    def placed(self, matrix: Tensor) -> list[Tensor]:
+        """A ``(d_out, d_in)`` matrix cut into tensors placed like :attr:`params`: this rank's
+        shard of each where the parameter is a ``DTensor`` (:func:`tekfac.sharding.shard_like`),
+        else :meth:`split`'s pieces."""
+        return [shard_like(piece, p) for piece, p in zip(self.split(matrix), self.params)]
 
     def parameter_matrix(self) -> Tensor:
         """``[W.flatten(1) | b]`` of shape ``(d_out, d_in)``."""

@@ -121,9 +121,13 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             left. The current value is :attr:`damping`, the last ratio
             :attr:`reduction_ratio`.
         distributed_mode: in a process group, ``"replicated"`` (every rank keeps every
-            eigenbasis; the decompositions are split over ranks and broadcast) or ``"owner"``
-            (KFAC/TKFAC only: each layer's basis lives on one rank, which preconditions that
-            layer and broadcasts the direction: less memory, a broadcast per step).
+            layer's curvature; the decompositions are split over ranks and broadcast),
+            ``"owner"`` (each layer's factors, basis and scaling live on one rank, which
+            receives the layer's statistics by a reduce, preconditions it and broadcasts the
+            direction: per-rank curvature memory about total / ranks, a broadcast per step;
+            EKFAC/TEKFAC also broadcast the bases on re-fit steps), or ``"auto"`` (default:
+            ``"owner"`` for a model sharded by FSDP2's ``fully_shard``, else
+            ``"replicated"``). See docs/design.md §5 for sharded models.
         damping, damping_type, damping_floor, fisher, loss, reduction, stat_decay,
         cov_update_freq, eigen_update_freq, scale_update_freq, factor_dtype: see
             :class:`tekfac.config.CurvatureConfig`. ``scale_update_freq`` is ignored by KFAC
@@ -139,7 +143,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  damping_adaptive: bool | DampingAdaptation = False,
-                 distributed_mode: str = "replicated", **curvature_options: object):
+                 distributed_mode: str = "auto", **curvature_options: object):
         check_choice("step_rule", step_rule, STEP_RULES)
         #: ``"fixed"`` or ``"quadratic"`` (see the class docstring)
         self.step_rule = step_rule
@@ -168,6 +172,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             if not params:
                 raise ValueError("Invalid model: it has no trainable parameters")
         try:
+            _check_sharding(self.preconditioner.sharded, quadratic, self.damping_adaptation)
             super().__init__(params, {**defaults, "kl_clip": kl_clip})
             self._check_every_parameter_grouped()
         except (TypeError, ValueError):
@@ -298,6 +303,18 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                                  f"{other}; every parameter belongs to exactly one group")
             seen.add(p)
 
+    def _check_parameters_current(self) -> None:
+        """``RuntimeError`` if a grouped parameter is no longer one of the model's: FSDP2's
+        ``fully_shard`` (or anything that replaces parameters) ran after construction."""
+        current = {id(p) for p in self.preconditioner.model.parameters()}
+        stale = sum(id(p) not in current for group in self.param_groups for p in group["params"])
+        if stale:
+            raise RuntimeError(
+                f"{stale} of the optimizer's parameters are no longer the model's: it was built "
+                "before the model's parameters were replaced (by fully_shard, or by loading "
+                "new ones). Build the optimizer after fully_shard(model), from the sharded "
+                "model")
+
     def _check_every_parameter_grouped(self) -> None:
         """``ValueError`` naming the model's trainable parameters that are in no group."""
         grouped = {p for group in self.param_groups for p in group["params"]}
@@ -326,6 +343,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             raise RuntimeError("damping_adaptive=True needs step(closure): a closure that "
                                "computes the batch loss, calls optimizer.backward(loss, "
                                "outputs) and returns the loss (see the class docstring)")
+        self._check_parameters_current()
         rng = _RngState(self._devices()) if adapting else None
         loss = None
         try:
@@ -644,6 +662,23 @@ def _adaptation(option: object, grad_scaler: object) -> DampingAdaptation | None
     return adaptation
 
 
+def _check_sharding(sharded: Sequence[str], quadratic: bool,
+                    adaptation: DampingAdaptation | None) -> None:
+    """``ValueError`` for the options that need the whole parameter vector on every rank at
+    once (the quadratic rule's Jacobian products, adaptive damping's second evaluation),
+    which a model sharded by FSDP2 does not have."""
+    if not sharded:
+        return
+    for name, used in (("step_rule='quadratic'", quadratic),
+                       ("damping_adaptive", adaptation is not None)):
+        if used:
+            raise ValueError(
+                f"Invalid {name} for a model sharded by FSDP2 ({len(sharded)} DTensor "
+                f"parameters, e.g. {sharded[0]!r}): it needs products with the whole "
+                "parameter vector, which the shards do not hold; use the fixed step rule and "
+                "a fixed damping, or DDP")
+
+
 def _check_options(options: Mapping[str, object], where: str = "",
                    step_rule: str = "fixed") -> None:
     """Validate the :data:`GROUP_OPTIONS` of the constructor (``where=""``) or of a group."""
@@ -692,7 +727,7 @@ def _clipped(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]], rates: Mappi
         nu = _kl_clip_factor(_kl_quadratic(pairs, rates), kl_clip)
         directions = {la: d * nu for la, d in directions.items()}
     return {p: piece for la, d in directions.items()
-            for p, piece in zip(la.params, la.split(d))}, nu
+            for p, piece in zip(la.params, la.placed(d))}, nu
 
 
 def _kl_quadratic(pairs: Mapping[KroneckerLayer, tuple[Tensor, Tensor]],

@@ -12,25 +12,27 @@ momentum SGD.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from tekfac.capture import Capture
-from tekfac.config import METHODS, CurvatureConfig, check_choice, check_instance
+from tekfac.config import CurvatureConfig, check_choice, check_instance, method_name
 from tekfac.curvature import Curvature
-from tekfac.distributed import Communicator, Weighted, WorkSplit
-from tekfac.factors import FACTOR_KINDS, FactorStatistics
-from tekfac.fisher import FISHER_KINDS, check_mask, num_terms
-from tekfac.guards import Faults, all_finite, non_finite
+from tekfac.distributed import Communicator, WorkSplit
+from tekfac.estimates import Estimates
+from tekfac.factors import FACTOR_KINDS
+from tekfac.fisher import FISHER_KINDS, LossTerms, check_mask, num_terms
+from tekfac.guards import Faults, all_finite
 from tekfac.layers import KroneckerLayer, describe_layers, plan_layers, unwrap
-from tekfac.linalg import power_iteration_refresh, symmetric_eigh
 from tekfac.profiling import stage
-from tekfac.records import Examples, LayerBatch
+from tekfac.records import LayerBatch
 from tekfac.scaling import SCALING_KINDS
-from tekfac.state import LayerState, state_shapes
-from tekfac.truncation import grid_length, truncate, with_remainder
+from tekfac.schedule import Schedule
+from tekfac.sharding import local, sharded_parameters
+from tekfac.state import LayerState
+from tekfac.statistics import Statistics
 
 
 class Preconditioner:
@@ -55,7 +57,7 @@ class Preconditioner:
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: the recorded
             output gradients are unscaled with its current scale (and the sampled backward is
             scaled by it, so that it does not underflow in float16).
-        distributed_mode: ``"replicated"`` or ``"owner"``; see
+        distributed_mode: ``"auto"``, ``"replicated"`` or ``"owner"``; see
             :class:`tekfac.optim.KroneckerOptimizer`.
         **options: :class:`tekfac.config.CurvatureConfig` fields (damping, fisher, loss, ...).
     """
@@ -63,15 +65,10 @@ class Preconditioner:
     def __init__(self, model: nn.Module, method: str = "tekfac", *,
                  exclude: Iterable[nn.Module | str] = (), seed: int | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
-                 distributed_mode: str = "replicated", **options: object):
+                 distributed_mode: str = "auto", **options: object):
         self.config = c = CurvatureConfig.for_method(method, **options)
         self.factor_kind, self.scaling_kind = FACTOR_KINDS[c.factors], SCALING_KINDS[c.scaling]
-        check_choice("distributed_mode", distributed_mode, ("replicated", "owner"))
-        if distributed_mode == "owner" and self.scaling_kind.refits:
-            raise ValueError(
-                "Invalid distributed_mode='owner' for EKFAC/TEKFAC: every rank needs every "
-                "eigenbasis to rotate its own per-example gradients for the corrected scaling, "
-                "so owner mode would save nothing; use 'replicated'")
+        check_choice("distributed_mode", distributed_mode, ("auto", "replicated", "owner"))
         check_instance("grad_scaler", grad_scaler, torch.amp.GradScaler,
                        "a torch.amp.GradScaler or None", optional=True)
         check_instance("seed", seed, int, "an int or None", optional=True)
@@ -79,48 +76,46 @@ class Preconditioner:
         self.layers, self.untracked = plan_layers(self.model, exclude, c.max_factor_dim)
         for layer in self.layers:
             layer.rank = c.basis_rank
-        self.states = {layer: LayerState() for layer in self.layers}
         self._by_module = {layer.module: layer for layer in self.layers}
         self.comm = Communicator()
-        self.work = WorkSplit(self.comm, self.layers, owner_mode=distributed_mode == "owner")
+        #: the names of the model's parameters that are sharded ``DTensor``s (FSDP2)
+        self.sharded = sharded_parameters(self.model)
+        owner = distributed_mode == "owner" or (distributed_mode == "auto" and bool(self.sharded))
+        self.work = WorkSplit(self.comm, self.layers, owner, c.factor_dtype)
         self.fisher = FISHER_KINDS[c.fisher](c.loss, c.reduction,
                                              torch.initial_seed() if seed is None else seed,
                                              grad_scaler, self.comm.rank)
+        self.statistics = Statistics(self.layers, self.factor_kind, self.scaling_kind,
+                                     self.fisher, self.work)
+        self.estimates = Estimates(self.layers, self.factor_kind, self.scaling_kind, self.work,
+                                   self.warn_once)
         self.capture = Capture(self.model, self.layers, keep_edges=self.fisher.samples)
+        self.schedule = Schedule(c, self.scaling_kind.refits)
         self.steps = 0
-        self.eigendecompositions = 0  # computed by this rank (the work split's share)
         #: (place, cause) → the step it first occurred at and how often (checkpointed)
         self.faults = Faults()
         self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
-        #: (loss terms, examples) of each backward of the step numbered ``_loss_terms_step``
-        self._loss_terms: list[tuple[int | Tensor, int]] = []
-        self._loss_terms_step = -1
+        self.loss_terms = LossTerms()
         #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
         #: its step (adaptive damping), under ``torch.no_grad``
         self.probing = False
         self.capture.recording = self.statistics_due
 
-    # ---------------------------------------------------------------- schedule
-    def _due(self, freq: int) -> bool:
-        return self.steps % freq == 0
+    @property
+    def states(self) -> dict[KroneckerLayer, LayerState]:
+        """Layer → its running statistics, basis and scaling (:class:`tekfac.state.LayerState`)."""
+        return self.estimates.states
 
+    @property
+    def eigendecompositions(self) -> int:
+        """How many eigendecompositions this rank has computed (its share of the work split)."""
+        return self.estimates.eigendecompositions
+
+    # ---------------------------------------------------------------- schedule
     @property
     def statistics_due(self) -> bool:
         """Whether the current step collects statistics (factors or a re-fitted scaling)."""
-        c = self.config
-        return self._due(c.cov_update_freq) or (
-            self.scaling_kind.refits and self._due(c.scale_update_freq))
-
-    def _basis_kept(self) -> bool:
-        """Whether no layer's basis will be refreshed this step, so that the scaling can be
-        re-fitted in the current bases before :meth:`update_curvature`."""
-        return not (self._due(self.config.eigen_update_freq) or self._cheap_refresh_due()) and all(
-            self.states[la].has_basis for la in self.layers)
-
-    def _cheap_refresh_due(self) -> bool:
-        """Whether the bases get a power-iteration refresh this step (docs/design.md §4.2)."""
-        freq = self.config.basis_refresh_freq
-        return freq is not None and self._due(freq)
+        return self.schedule.statistics(self.steps)
 
     # ---------------------------------------------------------------- user-facing calls
     def backward(self, loss: Tensor, outputs: Tensor, retain_graph: bool = False,
@@ -149,10 +144,8 @@ class Preconditioner:
             return
         c = self.config
         check_mask(c.loss, outputs, mask)
-        if self._loss_terms_step != self.steps:  # the first backward of a step
-            self._loss_terms, self._loss_terms_step = [], self.steps
-        self._loss_terms.append((num_terms(c.loss, outputs.shape, mask),
-                                 self.capture.examples or 1))
+        self.loss_terms.add(self.steps, num_terms(c.loss, outputs.shape, mask),
+                            self.capture.examples or 1)
         bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
         self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
         pending = self.capture.pending()
@@ -160,12 +153,13 @@ class Preconditioner:
             self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out, mask)
         if self.fisher.samples and self.statistics_due:
             micro = self._collect({call.forward for call in pending})
-            if self._due(c.cov_update_freq):
+            if self.schedule.factors(self.steps):
                 with stage("statistics"):
-                    self.work.launch("factors", self._factor_statistics(micro))
-            if self.scaling_kind.refits and self._due(c.scale_update_freq) and self._basis_kept():
+                    self.work.launch("factors", self.statistics.factors(micro))
+            if (self.schedule.scaling(self.steps) and self.schedule.basis_kept(self.steps)
+                    and self.work.knows_bases(self.states)):
                 with stage("scaling"):
-                    self.work.launch("scaling", self._scaling_statistics(micro))
+                    self.work.launch("scaling", self.statistics.scaling(micro, self.states))
         loss.backward(retain_graph=retain_graph)
 
     def step(self) -> bool:
@@ -179,7 +173,7 @@ class Preconditioner:
             return False
         self.update_curvature()
         for layer, (_, direction) in self.directions().items():
-            for param, piece in zip(layer.params, layer.split(direction)):
+            for param, piece in zip(layer.params, layer.placed(direction)):
                 param.grad.copy_(piece)
         return True
 
@@ -190,7 +184,8 @@ class Preconditioner:
         of two flags), so that all skip together."""
         device = grads[0].device if grads else torch.device("cpu")
         outputs = self._bad_outputs if self._bad_outputs is not None else torch.tensor(False)
-        flags = torch.stack([outputs.to(device), ~all_finite(grads).to(device)]).float()
+        finite = all_finite([local(g) for g in grads])  # each rank checks its own shards
+        flags = torch.stack([outputs.to(device), ~finite.to(device)]).float()
         flags = self.comm.max(flags)
         bad_outputs, bad_grads = flags.tolist()
         if bad_outputs:
@@ -207,7 +202,7 @@ class Preconditioner:
 
     def _forget_step(self) -> None:
         """Drop everything this step recorded; reductions in flight are awaited first."""
-        self._loss_terms = []
+        self.loss_terms.clear()
         self.work.clear(wait=True)
         self.capture.clear()
         self.fisher.end_step()
@@ -225,9 +220,9 @@ class Preconditioner:
         if cap.examples is None:
             raise RuntimeError("The curvature of the loss needs a forward pass of the model "
                                "first")
-        if self._loss_terms and self._loss_terms_step >= self.steps - 1:  # this step's
-            terms = float(sum(t for t, _ in self._loss_terms))
-            examples = sum(n for _, n in self._loss_terms)
+        counts = self.loss_terms.counts(self.steps)
+        if counts is not None:
+            terms, examples = counts
         else:
             shape = torch.Size((cap.examples, cap.width, cap.positions))
             terms, examples = float(num_terms(self.config.loss, shape, None)), cap.examples
@@ -251,13 +246,13 @@ class Preconditioner:
         """A table of the model's modules that have parameters of their own: which get a
         Kronecker block (and its shape) and which are left to the first-order step, and why
         (see :func:`tekfac.layers.describe_layers`)."""
-        method = _method_name(self.config.factors, self.config.scaling)
+        method = method_name(self.config.factors, self.config.scaling)
         return describe_layers(self.model, self.layers, self.untracked, method)
 
     def __repr__(self) -> str:
         c = self.config
         params = sum(la.num_params for la in self.layers)
-        return (f"Preconditioner({_method_name(c.factors, c.scaling)}, "
+        return (f"Preconditioner({method_name(c.factors, c.scaling)}, "
                 f"{len(self.layers)} Kronecker layers ({params} parameters), "
                 f"{len(self.untracked)} first-order modules; see describe())")
 
@@ -271,22 +266,24 @@ class Preconditioner:
         if self.statistics_due:
             with stage("statistics"):
                 batch = self._collect()
-                if self._due(c.cov_update_freq):
-                    reduced = self.work.reduced("factors", lambda: self._factor_statistics(batch))
-                    skipped = self._update_factors(reduced)
+                if self.schedule.factors(self.steps):
+                    reduced = self.work.reduced("factors", lambda: self.statistics.factors(batch))
+                    skipped = self.estimates.fold_factors(reduced, c.stat_decay)
         ready = [la for la in self.layers if la not in skipped and self.work.mine(la)
                  and self.states[la].factor_in is not None]
         refresh = [la for la in ready
-                   if self._due(c.eigen_update_freq) or not self.states[la].has_basis]
-        cheap = [la for la in ready if la not in refresh] if self._cheap_refresh_due() else []
+                   if self.schedule.bases(self.steps) or not self.states[la].has_basis]
+        cheap = [la for la in ready if la not in refresh] \
+            if self.schedule.cheap_refresh(self.steps) else []
         if refresh or cheap:
             with stage("eigendecomposition"):
-                self._update_bases(refresh)
-                self._update_bases(cheap, from_previous=True)
-        if self.scaling_kind.refits and self._due(c.scale_update_freq):
+                self.estimates.refresh_bases(refresh)
+                self.estimates.refresh_bases(cheap, from_previous=True)
+        if self.schedule.scaling(self.steps):
             with stage("scaling"):
-                reduced = self.work.reduced("scaling", lambda: self._scaling_statistics(batch))
-                self._update_scaling(reduced, skipped)
+                reduced = self.work.reduced(
+                    "scaling", lambda: self.statistics.scaling(batch, self.states))
+                self.estimates.fold_scaling(reduced, skipped, c.stat_decay)
         self.steps += 1
         self._clear()
         self.capture.recording = self.statistics_due
@@ -341,140 +338,11 @@ class Preconditioner:
             raise
         return {layer: b for layer, b in batches.items() if b is not None}
 
-    def _batch_mean(self, batch: LayerBatch, fn: Callable[[Examples], Sequence[Tensor]]
-                    ) -> list[Tensor]:
-        """:meth:`LayerBatch.mean` in ``factor_dtype``, with ``g`` the per-example gradients
-        of the unscaled loss (see :meth:`tekfac.fisher.FisherKind.grad_multiplier`)."""
-        dtype = self.config.factor_dtype or batch.layer.module.weight.dtype
-        return batch.mean(fn, dtype, self.fisher.grad_multiplier(batch.num_examples))
-
-    def _factor_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
-                           ) -> dict[KroneckerLayer, Weighted]:
-        """Layer → (batch-mean factors and δ, example count), padded by the work split. δ is
-        only estimated when the scaling uses it (otherwise 1)."""
-        kind, with_scale = self.factor_kind, self.scaling_kind.uses_scale
-
-        def statistics(ex: Examples) -> list[Tensor]:
-            factor_in, factor_out = kind.factors(ex)
-            return [factor_in, factor_out,
-                    kind.scale(ex) if with_scale else factor_in.new_ones(())]
-
-        stats = {la: (self._batch_mean(b, statistics), float(b.num_examples))
-                 for la, b in batch.items()}
-        return self.work.padded(stats, self.layers, lambda la: [
-            self._zeros(la, *state_shapes(la)["factor_in"]),
-            self._zeros(la, *state_shapes(la)["factor_out"]), self._zeros(la)])
-
-    def _scaling_statistics(self, batch: dict[KroneckerLayer, LayerBatch]
-                            ) -> dict[KroneckerLayer, Weighted]:
-        """Layer → ([batch estimate of the re-fitted scaling in its current basis], count),
-        for the layers with a basis, padded by the work split."""
-        layers = [la for la in self.layers if self.states[la].has_basis]
-        stats = {}
-        for layer in layers:
-            if layer in batch:
-                state = self.states[layer]
-
-                def estimate(ex: Examples, s: LayerState = state) -> list[Tensor]:
-                    return [self.scaling_kind.estimate(ex, s.basis_in, s.basis_out)]
-
-                stats[layer] = (self._batch_mean(batch[layer], estimate),
-                                float(batch[layer].num_examples))
-        return self.work.padded(stats, layers,
-                                lambda la: [self._zeros(la, *state_shapes(la)["scaling"])])
-
-    # ---------------------------------------------------------------- per-layer updates
-    def _update_factors(self, reduced: dict[KroneckerLayer, Weighted]) -> set[KroneckerLayer]:
-        """EMA of the globally averaged factors; returns the layers left unchanged. Each
-        layer's statistics are dropped from ``reduced`` once finalised, and from the
-        finalised ones once folded in, so that at most one extra copy of the factors is
-        alive at a time."""
-        finalized = {}
-        for layer in list(reduced):
-            tensors, total = reduced.pop(layer)
-            if total > 0:
-                finalized[layer] = self.factor_kind.finalize(FactorStatistics(*tensors))
-        skipped = {la for la in self.layers if la not in finalized}
-        skipped |= self._non_finite("statistics", finalized)
-        for layer in list(finalized):
-            stats = finalized.pop(layer)
-            if layer not in skipped:
-                self.states[layer].fold_factors(stats, self.config.stat_decay)
-        return skipped
-
-    def _update_bases(self, layers: list[KroneckerLayer], from_previous: bool = False) -> None:
-        """Eigendecompose the factors of ``layers`` (where, is the work split's choice) and
-        install each layer's basis; a failed decomposition keeps the previous basis. With
-        ``from_previous``, refresh the previous basis by one power-iteration step and a QR
-        instead (:func:`tekfac.linalg.power_iteration_refresh`). A diagonal side needs
-        neither: its eigenvalues are its factor's entries, its basis the identity (``None``)."""
-        if not layers:
-            return
-        dense = [(la, side) for la in layers for side in ("in", "out") if not _diagonal(la, side)]
-        matrices = [getattr(self.states[la], f"factor_{side}") for la, side in dense]
-
-        def compute(i: int) -> list[Tensor]:
-            self.eigendecompositions += 1
-            layer, side = dense[i]
-            k = layer.kept(side)
-            if from_previous:
-                result = power_iteration_refresh(
-                    matrices[i], getattr(self.states[layer], f"basis_{side}"))
-                if result is not None and k < len(matrices[i]):
-                    result = with_remainder(*result, matrices[i])
-            else:
-                result = symmetric_eigh(matrices[i], lambda: self.warn_once(
-                    layer, "eigendecomposition failed in the factor dtype",
-                    "retrying in float64 with jitter"))
-                if result is not None:
-                    result = truncate(*result, k)
-            if result is None:  # tell every rank, through non-finite values
-                m = matrices[i]
-                return [m.new_full((grid_length(k, len(m)),), float("nan")),
-                        m.new_full((len(m), k), float("nan"))]
-            return list(result)
-
-        kept = [la.kept(side) for la, side in dense]
-        results = self.work.eigendecompositions(matrices, compute, kept)
-        for layer in layers:
-            state = self.states[layer]
-            (eig_in, basis_in), (eig_out, basis_out) = (
-                (getattr(state, f"factor_{side}").clamp(min=0), None) if _diagonal(layer, side)
-                else next(results) for side in ("in", "out"))
-            if not bool(torch.isfinite(eig_in).all() & torch.isfinite(eig_out).all()):
-                self.warn_once(layer, "eigendecomposition failed", "keeping the previous basis")
-                continue
-            state.install_basis(eig_in, basis_in, eig_out, basis_out, self.scaling_kind)
-
-    def _update_scaling(self, reduced: dict[KroneckerLayer, Weighted],
-                        skipped: set[KroneckerLayer]) -> None:
-        """EMA of the globally averaged scaling estimates (layers whose factor update was
-        skipped keep their scaling)."""
-        estimates = {layer: tensors for layer, (tensors, total) in reduced.items()
-                     if total > 0 and layer not in skipped}
-        bad = self._non_finite("corrected scaling", estimates)
-        for layer, (estimate,) in estimates.items():
-            if layer not in bad:
-                self.states[layer].fold_scaling(estimate, self.config.stat_decay)
-
     # ---------------------------------------------------------------- helpers
     def _clear(self) -> None:
         """Forget this step's records and any reduction still in flight."""
         self.capture.clear()
         self.work.clear()
-
-    def _zeros(self, layer: KroneckerLayer, *shape: int) -> Tensor:
-        weight = layer.module.weight
-        return torch.zeros(shape, dtype=self.config.factor_dtype or weight.dtype,
-                           device=weight.device)
-
-    def _non_finite(self, what: str, tensors: dict[KroneckerLayer, Sequence[Tensor]]
-                    ) -> set[KroneckerLayer]:
-        """The layers with a NaN or Inf in any of their ``tensors``, each warned about once."""
-        bad = non_finite(tensors)
-        for layer in bad:
-            self.warn_once(layer, f"non-finite {what}", "skipping this update")
-        return set(bad)
 
     def warn_once(self, where: KroneckerLayer | str, cause: str, consequence: str) -> None:
         """Record a fault at the current step; warn on its first occurrence per (layer or
@@ -484,19 +352,13 @@ class Preconditioner:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Step counter, MC seed, the method's factor and scaling kinds, and per-layer
-        statistics/bases/scalings (keyed by layer name). The MC sampler is a function of
-        (seed, step), so no RNG state is needed.
-        In 'owner' mode this is a collective (call it on every rank): each basis comes from
-        its owner."""
-        layers = {layer.name: self.states[layer].to_dict() for layer in self.layers}
-        if self.work.owners is not None:
-            owned = self.work.owned_bases(self.states, lambda la, *shape: self._zeros(la, *shape))
-            for layer, held in zip(self.layers, owned):
-                layers[layer.name].update(held)
+        """Step counter, MC seed, the method's factor and scaling kinds, faults, and per-layer
+        statistics/bases/scalings (:meth:`tekfac.estimates.Estimates.state_dict`, a
+        collective where layers have owners). The MC sampler is a function of (seed, step),
+        so no RNG state is needed."""
         return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
                 "scaling": self.config.scaling, "faults": self.faults.state_dict(),
-                "layers": layers}
+                "layers": self.estimates.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model or
@@ -510,23 +372,13 @@ class Preconditioner:
         theirs = (state_dict.get("factors", c.factors), state_dict.get("scaling", c.scaling))
         if theirs != (c.factors, c.scaling):
             raise ValueError(
-                f"state_dict was saved by {_method_name(*theirs)} ({theirs[0]} factors, "
-                f"{theirs[1]} scaling), but this optimizer is {_method_name(c.factors, c.scaling)}"
+                f"state_dict was saved by {method_name(*theirs)} ({theirs[0]} factors, "
+                f"{theirs[1]} scaling), but this optimizer is {method_name(c.factors, c.scaling)}"
                 f" ({c.factors} factors, {c.scaling} scaling): its statistics mean something "
                 "else here; resume with the method that saved it")
-        names = [layer.name for layer in self.layers]
-        if sorted(saved) != sorted(names):
-            raise ValueError(f"state_dict does not match the model: it has layers "
-                             f"{sorted(saved)}, the optimizer tracks {sorted(names)}")
-        new_states = {}
-        for layer in self.layers:
-            state = LayerState.from_dict(saved[layer.name], layer, layer.module.weight.device)
-            if not self.work.mine(layer):  # 'owner' mode: only the owner keeps the basis
-                state.drop_basis()
-            new_states[layer] = state
+        self.estimates.load_state_dict(saved)
         self.steps, self.fisher.seed = int(state_dict["steps"]), int(state_dict["seed"])
         self.faults.load_state_dict(state_dict.get("faults", []))
-        self.states = new_states
         self._clear()
         self.capture.recording = self.statistics_due
 
@@ -534,14 +386,3 @@ class Preconditioner:
         """Detach from the model (no more statistics are recorded)."""
         self.capture.remove()
         self._clear()
-
-
-def _diagonal(layer: KroneckerLayer, side: str) -> bool:
-    """Whether the ``side`` (``"in"`` or ``"out"``) of ``layer``'s block is diagonal."""
-    return layer.diagonal_in if side == "in" else layer.diagonal_out
-
-
-def _method_name(factors: str, scaling: str) -> str:
-    """The name of the method with these kinds (``"TEKFAC"``), or a description."""
-    names = [name.upper() for name, kinds in METHODS.items() if kinds == (factors, scaling)]
-    return names[0] if names else "another method"

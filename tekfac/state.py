@@ -90,11 +90,6 @@ class LayerState:
                                            estimate.device)
         self.scaling = average(self.scaling, estimate, self.scaling_weight)
 
-    def drop_basis(self) -> None:
-        """Forget the basis and ``S`` (a rank that does not own the layer keeps neither)."""
-        for key in BASIS_KEYS:
-            setattr(self, key, None)
-
     def to_dict(self) -> dict[str, Tensor]:
         """The tensors that are set, keyed by field name (checkpoint format)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -142,8 +137,6 @@ def average(old: Tensor | None, new: Tensor, weight: Tensor) -> Tensor:
 
 #: Checkpoint keys of a layer's state, in one place.
 STATE_KEYS = tuple(f.name for f in dataclasses.fields(LayerState))
-#: The keys that belong to the basis (kept only by the layer's owner in 'owner' mode).
-BASIS_KEYS = ("basis_in", "basis_out", "eig_in", "eig_out", "basis_scale", "scaling")
 
 
 def state_shapes(layer: KroneckerLayer) -> dict[str, tuple[int, ...]]:

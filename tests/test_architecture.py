@@ -12,10 +12,10 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "tekfac"
 
 #: The core modules, each importing only modules before it.
-ORDER = ["guards", "truncation", "chunks", "patch_moments", "layers", "records", "capture",
-         "factors", "scaling", "state", "damping", "fisher", "linalg", "profiling", "config",
-         "curvature", "damping_adaptation", "quadratic", "distributed", "preconditioner", "optim",
-         "__init__"]
+ORDER = ["guards", "sharding", "truncation", "chunks", "patch_moments", "layers", "records",
+         "capture", "factors", "scaling", "state", "damping", "fisher", "linalg", "profiling",
+         "config", "schedule", "curvature", "damping_adaptation", "quadratic", "distributed",
+         "statistics", "estimates", "preconditioner", "optim", "__init__"]
 
 
 def imported(path: Path) -> set[str]:

@@ -60,8 +60,8 @@ def test_the_optimizer_refreshes_between_full_decompositions(method, monkeypatch
     """``basis_refresh_freq=1``: full eigendecompositions every 4 steps, refreshes on the
     others; training stays finite and a checkpoint resumes bit for bit."""
     calls = []
-    real = tekfac.preconditioner.power_iteration_refresh
-    monkeypatch.setattr(tekfac.preconditioner, "power_iteration_refresh",
+    real = tekfac.estimates.power_iteration_refresh
+    monkeypatch.setattr(tekfac.estimates, "power_iteration_refresh",
                         lambda m, b: calls.append(1) or real(m, b))
     torch.manual_seed(0)
     net, shape = tiny_net("cnn")

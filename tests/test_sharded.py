@@ -1,0 +1,183 @@
+"""FSDP2 (``fully_shard``, parameters as ``DTensor``) and HSDP with gloo on CPU: the same steps
+as DDP and as one process on the concatenated batch, curvature held by its owners, and the
+refusals (docs/design.md §5, "Sharded parameters")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import tekfac
+import tekfac.distributed
+import tekfac.fisher
+from tests.conftest import MeanOverSequence, Tokens, argmax_labels
+from tests.test_distributed import FAST, _init, launch
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+fully_shard = fsdp.fully_shard
+STEPS = 5
+PER_RANK = 20  # ≥ 29 examples in all: full-rank factors, so the eigenbases are unique
+
+
+def conv_net() -> nn.Module:
+    """Conv2d with 3 output channels (uneven over 2 ranks), Linear with and without bias."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(27, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)).double()
+
+
+def token_net() -> nn.Module:
+    """An embedding (padding token 0) feeding a linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(Tokens(6), nn.Embedding(6, 4, padding_idx=0), nn.Tanh(),
+                         MeanOverSequence(), nn.Linear(4, 3)).double()
+
+
+def data(kind: str, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(123)
+    shape = (2, 5, 5) if kind == "conv" else (5,)
+    return [(torch.randn(world * PER_RANK, *shape, generator=gen, dtype=torch.float64),
+             torch.randint(0, 3, (world * PER_RANK,), generator=gen)) for _ in range(STEPS)]
+
+
+def groups(net: nn.Module) -> list[dict]:
+    """Two param groups: coupled weight decay at one rate, decoupled at another."""
+    params = list(net.parameters())
+    return [{"params": params[:2], "weight_decay": 1e-2},
+            {"params": params[2:], "lr": 0.02, "weight_decay": 1e-2,
+             "decoupled_weight_decay": True}]
+
+
+def run(model: nn.Module, opt, batches, mc: bool, micro: int = 1,
+        scaler: torch.amp.GradScaler | None = None) -> None:
+    """Cross-entropy steps, each over ``micro`` accumulated micro-batches."""
+    for x, y in batches:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            out = model(xs)
+            loss = F.cross_entropy(out, ys) / micro
+            loss = scaler.scale(loss) if scaler else loss
+            if mc:
+                opt.backward(loss, out)
+            else:
+                loss.backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+
+def build(kind: str, method: str, fisher: str, wrap: str, **options):
+    """``(model, optimizer)`` for one process (``wrap="none"``), DDP, or FSDP2 sharding every
+    tracked layer and the root (``"fsdp"``) or the root only (``"fsdp-root"``)."""
+    net = conv_net() if kind == "conv" else token_net()
+    model = net
+    if wrap == "ddp":
+        model = nn.parallel.DistributedDataParallel(net)
+    elif wrap.startswith("fsdp"):
+        if wrap == "fsdp":
+            for module in net:
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    fully_shard(module)
+        fully_shard(net)
+    opt = tekfac.KroneckerOptimizer(model, method, params=groups(net), fisher=fisher,
+                                    **FAST, **options)
+    return net, model, opt
+
+
+def full_parameters(net: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in net.parameters()]
+
+
+def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((p - q).detach().norm() / q.detach().norm()) for p, q in zip(a, b))
+
+
+def _equal_to_ddp_and_one_process(rank, world, tmp, kind, wrap, micro, scaled):
+    """Every method × both Fishers: FSDP2 ('auto' = curvature on owners, and 'replicated')
+    takes DDP's steps to 1e-12 and the single process's to its summation-order tolerance."""
+    tekfac.fisher.sample_targets = argmax_labels  # the same MC labels however split
+    batches = data(kind, world)
+    cases = [(m, f) for m in tekfac.METHODS for f in ("empirical", "mc")]
+    references = {}
+    for method, fisher in cases:  # one process on the concatenated batches, no group yet
+        net, model, opt = build(kind, method, fisher, "none")
+        run(model, opt, batches, fisher == "mc", micro)
+        references[method, fisher] = full_parameters(net)
+    _init(rank, world, tmp)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    local = [(x[shard], y[shard]) for x, y in batches]
+    for method, fisher in cases:
+        mc = fisher == "mc"
+        ddp_net, ddp, ddp_opt = build(kind, method, fisher, "ddp")
+        run(ddp, ddp_opt, local, mc, micro)
+        expected = full_parameters(ddp_net)
+        for mode in ("auto", "replicated"):
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+            net, model, opt = build(kind, method, fisher, wrap, distributed_mode=mode,
+                                    grad_scaler=scaler)
+            pre = opt.preconditioner
+            assert pre.sharded and (pre.work.owners is not None) == (mode == "auto")
+            run(model, opt, local, mc, micro, scaler)
+            got = full_parameters(net)
+            assert relative(got, expected) <= 1e-12, (method, fisher, mode)
+            tol = 1e-10 if method in ("kfac", "tkfac") else 1e-6  # see test_distributed
+            assert relative(got, references[method, fisher]) <= tol, (method, fisher, mode)
+            buffers = [opt.state[p]["momentum_buffer"] for p in net.parameters()]
+            assert all(type(b) is type(p) for b, p in zip(buffers, net.parameters()))
+            if mode == "auto":  # each layer's curvature on its owner only
+                for layer in pre.layers:
+                    state = pre.states[layer]
+                    assert (state.factor_in is not None) == pre.work.mine(layer), layer.name
+                    assert (state.scaling is not None) == pre.work.mine(layer), layer.name
+
+
+@pytest.mark.parametrize(("kind", "wrap", "micro", "scaled"),
+                         [("conv", "fsdp", 1, False), ("token", "fsdp-root", 2, True)])
+def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process(tmp_path, kind, wrap, micro, scaled):
+    """Per-module sharding of a CNN (uneven shards, bias and none, two param groups with both
+    kinds of weight decay, KL clip), and root sharding of an embedding net with gradient
+    accumulation and a GradScaler."""
+    launch(_equal_to_ddp_and_one_process, 2, tmp_path, kind, wrap, micro, scaled)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_three_ranks(tmp_path):
+    launch(_equal_to_ddp_and_one_process, 3, tmp_path, "conv", "fsdp", 1, False)
+
+
+def _refusals(rank, world, tmp):
+    _init(rank, world, tmp)
+    net = conv_net()
+    early = tekfac.KFAC(net, fisher="empirical")  # built before sharding
+    fully_shard(net)
+    x, y = data("conv", 1)[0]
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match="after fully_shard"):
+        early.step()
+    for option in (dict(step_rule="quadratic"), dict(damping_adaptive=True)):
+        with pytest.raises(ValueError, match="FSDP2"):
+            tekfac.TEKFAC(net, **option)
+
+
+def test_refusals_on_a_sharded_model(tmp_path):
+    """An optimizer built before ``fully_shard`` is refused at its first step, and the step
+    rules that need the whole parameter vector at once are refused at construction."""
+    launch(_refusals, 2, tmp_path)
+
+
+def test_a_failed_collective_reports_its_own_cause():
+    """An error that is not a lost peer is not blamed on another rank."""
+    comm = tekfac.distributed.Communicator()
+
+    def bad(*args, **kwargs):
+        raise RuntimeError("aten.mm: no sharding strategy registered")
+
+    with pytest.raises(RuntimeError, match=r"failed: aten\.mm") as info:
+        comm._call(bad)
+    assert "crashed" not in str(info.value)
+    assert dist.is_available()
