@@ -127,26 +127,38 @@ class Estimates:
         return set(bad)
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """Layer name → its state's tensors. Where a layer has an owner this is a collective
-        (call it on every rank): what only the owner keeps comes from it."""
-        layers = {layer.name: self.states[layer].to_dict() for layer in self.layers}
-        for layer, held in zip(self.layers, self.work.owned_state(self.states)):
-            layers[layer.name].update(held)
-        return layers
+    def state_dict(self, gather: bool = True) -> dict[str, dict[str, Tensor]]:
+        """Layer name → its state (:meth:`LayerState.to_dict`). Where layers have owners,
+        with ``gather`` a collective (call it on every rank) that gives every rank every
+        layer's state from its owner; without, this rank's layers only (what
+        ``torch.distributed.checkpoint`` saves from each rank)."""
+        states = self.states
+        if gather and self.work.owners is not None:
+            held = self.work.owned_state(self.states)
+            states = {la: LayerState(**entry) if not self.work.mine(la) else self.states[la]
+                      for la, entry in zip(self.layers, held)}
+        return {la.name: states[la].to_dict(la, self.work.dtype(la)) for la in self.layers
+                if gather or self.work.mine(la)}
 
     def load_state_dict(self, saved: dict[str, dict[str, Tensor]]) -> None:
-        """Restore :meth:`state_dict`: ``ValueError`` unless it has exactly the tracked layers
-        with the shapes of :func:`tekfac.state.state_shapes`; each rank keeps what the work
-        split says it keeps."""
-        names = [layer.name for layer in self.layers]
-        if sorted(saved) != sorted(names):
-            raise ValueError(f"state_dict does not match the model: it has layers "
-                             f"{sorted(saved)}, the optimizer tracks {sorted(names)}")
+        """Restore :meth:`state_dict`: ``ValueError`` for a layer the optimizer does not
+        track, a layer this rank keeps that is missing, or shapes other than
+        :func:`tekfac.state.state_shapes`'. Each rank keeps what the work split says."""
+        names = {layer.name for layer in self.layers}
+        missing = [la.name for la in self.layers if self.work.mine(la) and la.name not in saved]
+        if set(saved) - names or missing:
+            raise ValueError(
+                f"state_dict does not match the model: it has layers {sorted(saved)}, the "
+                f"optimizer tracks {sorted(names)}" + (
+                    f" and this rank keeps {missing}, which it lacks (a state dict of one rank "
+                    "of a sharded model holds that rank's layers only: save and load with "
+                    "torch.distributed.checkpoint)" if missing else ""))
         states = {}
         for layer in self.layers:
-            state = LayerState.from_dict(saved[layer.name], layer, layer.module.weight.device)
-            self.work.drop_unkept(layer, state)
+            state = LayerState()
+            if layer.name in saved:
+                state = LayerState.from_dict(saved[layer.name], layer, layer.module.weight.device)
+                self.work.drop_unkept(layer, state)
             states[layer] = state
         self.states = states
 

@@ -23,13 +23,19 @@ from tekfac.layers import KroneckerLayer
 from tekfac.preconditioner import Preconditioner
 from tekfac.profiling import stage
 from tekfac.quadratic import curvature_gram, inner_products, model_change, solve, weighted_grams
+from tekfac.sharding import full
 
 _CURVATURE_KEY = "curvature"
 _DAMPING_KEY = "damping"
 _FORMAT_KEY = "format"
-#: The checkpoint format: 2 since issue #32 (momentum buffers hold the previous update, the
-#: statistics' average weights, the curvature of the loss as reduced); 1 before (no key).
-FORMAT = 2
+#: Where format 3 keeps the optimizer-wide state: in ``param_groups[0]``, which
+#: ``torch.distributed.checkpoint.state_dict`` keeps (it drops other top-level keys).
+_TEKFAC_KEY = "tekfac"
+#: The checkpoint format: 3 since issue #27 (the curvature in ``param_groups[0]["tekfac"]``,
+#: every parameter's state complete, for torch.distributed.checkpoint); 2 since issue #32
+#: (momentum buffers hold the previous update, the statistics' average weights, the
+#: curvature of the loss as reduced), with the curvature at the top level; 1 before.
+FORMAT = 3
 
 #: The options a param group may set (the constructor's values fill in the others). KL
 #: clipping and the curvature options belong to the whole model.
@@ -175,6 +181,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             _check_sharding(self.preconditioner.sharded, quadratic, self.damping_adaptation)
             super().__init__(params, {**defaults, "kl_clip": kl_clip})
             self._check_every_parameter_grouped()
+            self._add_state_entries()
         except (TypeError, ValueError):
             self.preconditioner.remove_hooks()
             raise
@@ -570,20 +577,50 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             p.sub_(buf)
 
     # ---------------------------------------------------------------- checkpoints
+    def _add_state_entries(self) -> None:
+        """Give every parameter a (possibly empty) entry in :attr:`state`, so that the state
+        is never empty: ``torch.distributed.checkpoint.state_dict`` takes a zero-gradient
+        step on an optimizer without state to create it, which for this one would count a
+        step without statistics."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state.setdefault(p, {})
+
     def state_dict(self) -> dict:
-        """The ``torch.optim`` state (momentum buffers, every group's options) plus the
-        curvature state under the key ``"curvature"`` and, with adaptive damping, the current
-        damping under ``"damping"``."""
+        """The ``torch.optim`` state (momentum buffers, every group's options) and, in
+        ``param_groups[0]["tekfac"]``, the format, the curvature
+        (:meth:`Preconditioner.state_dict`) and, with adaptive damping, the current damping.
+
+        The state is complete, so that a fresh optimizer's state dict is a template that
+        ``torch.distributed.checkpoint`` can load into: every parameter has an entry, every
+        parameter of a group with momentum a buffer (zeros where none exists yet, which
+        :meth:`load_state_dict` reads as none) and every curvature field a tensor (zeros
+        where unset, with flags of which are set). On a model sharded by FSDP2 each rank's
+        holds the curvature of the layers it owns (save with ``torch.distributed.
+        checkpoint``); with DDP in 'owner' mode it is a collective that gathers it all."""
         state = super().state_dict()
-        state[_CURVATURE_KEY] = self.preconditioner.state_dict()
-        state[_FORMAT_KEY] = FORMAT
+        ids = [i for group in state["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p, group in zip(ids, params, self._group_of_each()):
+            entry = state["state"].setdefault(i, {})
+            if group["momentum"] and "momentum_buffer" not in entry:
+                entry["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        tekfac = {_FORMAT_KEY: FORMAT, _CURVATURE_KEY: self.preconditioner.state_dict()}
         if self.damping_adaptation is not None:
-            state[_DAMPING_KEY] = self.damping
+            tekfac[_DAMPING_KEY] = self.damping
+        state["param_groups"][0][_TEKFAC_KEY] = tekfac
         return state
 
+    def _group_of_each(self) -> list[dict]:
+        """The group of each parameter, in the order of ``param_groups``."""
+        return [group for group in self.param_groups for _ in group["params"]]
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`; ``ValueError`` if it does not match the model or the
-        param groups (their number and sizes, as ``torch.optim`` checks).
+        """Restore :meth:`state_dict` (or one of format 1 or 2); ``ValueError`` if it does
+        not match the model or the param groups (their number and sizes, as ``torch.optim``
+        checks), if it holds no tekfac state, or if its ``state`` has keys that name no
+        parameter of its groups (``torch.optim`` would silently drop them). Zero momentum
+        buffers (a template's) are taken as none.
 
         A checkpoint of format 1 (before issue #32, tekfac 0.1.0 included) is converted, with
         a warning that says what changed: its momentum buffers (``torch.optim.SGD``'s, in units
@@ -592,20 +629,18 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         curvature is now read in the units of the loss (``c·F̂``, docs/design.md §3), which
         changes the steps of a loss that averages ``K > 1`` terms per example unless ``lr``,
         ``damping`` and ``kl_clip`` are multiplied by ``K``."""
-        if _CURVATURE_KEY not in state_dict:
-            raise ValueError("Invalid state_dict: no 'curvature' entry; it was not saved by a "
-                             "tekfac optimizer")
-        state_dict = dict(state_dict)
-        curvature = state_dict.pop(_CURVATURE_KEY)
-        damping = state_dict.pop(_DAMPING_KEY, None)
-        saved_format = state_dict.pop(_FORMAT_KEY, 1)
-        previous = self.preconditioner.state_dict()
+        state_dict, tekfac = _split_tekfac_state(state_dict)
+        curvature = tekfac[_CURVATURE_KEY]
+        damping = tekfac.get(_DAMPING_KEY)
+        saved_format = tekfac.get(_FORMAT_KEY, 1)
+        previous = self.preconditioner.state_dict(gather=False)
         self.preconditioner.load_state_dict(curvature)  # validates against the model first
         try:
             super().load_state_dict(state_dict)
         except (ValueError, KeyError, TypeError):
             self.preconditioner.load_state_dict(previous)
             raise
+        self._add_state_entries()
         if saved_format < 2:
             self._convert_format_1()
         if damping is not None and self.damping_adaptation is not None:  # else the constructor's
@@ -626,6 +661,38 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             "as reduced (c·F̂, docs/design.md §3): for a loss that averages K > 1 terms per "
             "example (pixels, positions), multiply lr, damping and kl_clip by K to keep the "
             "steps it took", stacklevel=3)
+
+
+def _split_tekfac_state(state_dict: dict) -> tuple[dict, dict]:
+    """``(torch.optim's state dict, tekfac's entry)`` of a checkpoint of any format: the
+    entry of ``param_groups[0]`` (format 3) or the top-level keys (formats 1 and 2); state
+    keys written as strings (``"0"``, as a flattening tool may give them) read as the ids
+    they name, and zero momentum buffers dropped. ``ValueError`` if there is no tekfac
+    state, or a state key names no parameter of the groups."""
+    state_dict = dict(state_dict)
+    groups = [dict(group) for group in state_dict.get("param_groups", [])]
+    if _CURVATURE_KEY in state_dict:  # formats 1 and 2
+        tekfac = {key: state_dict.pop(key) for key in (_CURVATURE_KEY, _DAMPING_KEY, _FORMAT_KEY)
+                  if key in state_dict}
+    elif groups and _TEKFAC_KEY in groups[0]:
+        tekfac = groups[0].pop(_TEKFAC_KEY)
+    else:
+        raise ValueError("Invalid state_dict: it holds no tekfac state (no 'tekfac' entry in "
+                         "param_groups[0], nor a top-level 'curvature'): it was not saved by "
+                         "a tekfac optimizer, or was built from an optimizer without it")
+    ids = {i for group in groups for i in group.get("params", [])}
+    state = {}
+    for key, entry in state_dict.get("state", {}).items():
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if key not in ids:
+            raise ValueError(f"Invalid state_dict: its 'state' has key {key!r}, which names no "
+                             f"parameter of its param_groups (ids {sorted(ids, key=str)})")
+        buffer = entry.get("momentum_buffer")
+        if buffer is not None and not bool(full(buffer.abs().sum()) > 0):  # all ranks' shards
+            entry = {k: v for k, v in entry.items() if k != "momentum_buffer"}
+        state[key] = entry
+    state_dict.update(state=state, param_groups=groups)
+    return state_dict, tekfac
 
 
 def _value(loss: Tensor | float) -> float:

@@ -12,6 +12,7 @@ momentum SGD.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -351,14 +352,16 @@ class Preconditioner:
         self.faults(place, cause, consequence, self.steps, stacklevel=4)
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        """Step counter, MC seed, the method's factor and scaling kinds, faults, and per-layer
-        statistics/bases/scalings (:meth:`tekfac.estimates.Estimates.state_dict`, a
-        collective where layers have owners). The MC sampler is a function of (seed, step),
-        so no RNG state is needed."""
+    def state_dict(self, gather: bool | None = None) -> dict:
+        """Step counter, MC seed, the method's factor and scaling kinds, faults (as JSON), and
+        per-layer statistics/bases/scalings (:meth:`tekfac.estimates.Estimates.state_dict`:
+        with owners, gathered from them by a collective unless ``gather`` is false; by
+        default, gathered unless the model is sharded, whose ranks save their own layers).
+        The MC sampler is a function of (seed, step), so no RNG state is needed."""
+        gather = not self.sharded if gather is None else gather
         return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
-                "scaling": self.config.scaling, "faults": self.faults.state_dict(),
-                "layers": self.estimates.state_dict()}
+                "scaling": self.config.scaling, "faults": json.dumps(self.faults.state_dict()),
+                "layers": self.estimates.state_dict(gather)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` if it does not fit this model or
@@ -378,7 +381,8 @@ class Preconditioner:
                 "else here; resume with the method that saved it")
         self.estimates.load_state_dict(saved)
         self.steps, self.fisher.seed = int(state_dict["steps"]), int(state_dict["seed"])
-        self.faults.load_state_dict(state_dict.get("faults", []))
+        faults = state_dict.get("faults", [])
+        self.faults.load_state_dict(json.loads(faults) if isinstance(faults, str) else faults)
         self._clear()
         self.capture.recording = self.statistics_due
 

@@ -90,20 +90,37 @@ class LayerState:
                                            estimate.device)
         self.scaling = average(self.scaling, estimate, self.scaling_weight)
 
-    def to_dict(self) -> dict[str, Tensor]:
-        """The tensors that are set, keyed by field name (checkpoint format)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    def to_dict(self, layer: KroneckerLayer, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Every field ``layer`` can have (:func:`state_shapes`), keyed by name, a copy where
+        set and zeros (``dtype``; the weights float64) where not, and ``"set"``: a bool
+        tensor of which are set, in that order (checkpoint format 3). Complete, so that
+        ``torch.distributed.checkpoint`` can load into a fresh optimizer's state dict."""
+        device = layer.module.weight.device
+        entry = {}
+        for key, shape in state_shapes(layer).items():
+            value = getattr(self, key)
+            entry[key] = value.detach().clone() if value is not None else torch.zeros(
+                shape, dtype=torch.float64 if key.endswith("_weight") else dtype, device=device)
+        entry["set"] = torch.tensor([getattr(self, key) is not None
+                                     for key in state_shapes(layer)], device=device)
+        return entry
 
     @classmethod
     def from_dict(cls, entry: dict[str, Tensor], layer: KroneckerLayer, device: torch.device
                   ) -> LayerState:
-        """The state saved by :meth:`to_dict` for ``layer``, on ``device``; ``ValueError`` for
+        """The state saved by :meth:`to_dict` for ``layer`` (or, without ``"set"``, the set
+        fields alone, as formats 1 and 2 saved them), on ``device``; ``ValueError`` for
         unknown keys or wrong shapes."""
         shapes = state_shapes(layer)
+        entry = dict(entry)
+        flags = entry.pop("set", None)
         unknown = set(entry) - set(shapes)
-        if unknown:
-            raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown} (a "
-                             "basis saved for a side that is diagonal here?)")
+        if unknown or (flags is not None and len(flags) != len(shapes)):
+            raise ValueError(f"state_dict layer {layer.name!r} has unknown keys "
+                             f"{unknown or sorted(entry)} (a basis saved for a side that is "
+                             "diagonal here?)")
+        if flags is not None:
+            entry = {key: entry[key] for key, flag in zip(shapes, flags.tolist()) if flag}
         for key, shape in shapes.items():
             value = entry.get(key)
             if value is not None and tuple(value.shape) != shape:

@@ -83,6 +83,17 @@ def train(model: nn.Module, opt, batches, mc: bool = True) -> None:
         opt.step()
 
 
+def curvature_of(state_dict: dict) -> dict:
+    """The curvature part of an optimizer's state dict (format 3: in ``param_groups[0]``)."""
+    return state_dict["param_groups"][0]["tekfac"]["curvature"]
+
+
+def set_fields(entry: dict) -> set[str]:
+    """The fields of a layer's checkpoint entry that are set (its ``"set"`` flags)."""
+    names = [key for key in entry if key != "set"]
+    return {name for name, flag in zip(names, entry["set"].tolist()) if flag}
+
+
 def argmax_labels(loss: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A deterministic stand-in for the MC label sampler ``tekfac.fisher.sample_targets``, so
     that two runs that split the same examples differently (micro-batches, ranks, which draw

@@ -50,6 +50,7 @@ import tekfac
 import tekfac.config
 import tekfac.factors
 import tekfac.scaling
+from tests.conftest import curvature_of
 
 METHODS = tuple(tekfac.METHODS)
 FISHERS = ("mc", "empirical")
@@ -299,8 +300,8 @@ def assert_same_run(a: Run, b: Run) -> None:
                                 zip(a.net.buffers(), b.net.buffers())):
         assert torch.equal(p, q)
     sa, sb = a.opt.state_dict(), b.opt.state_dict()
-    assert sa["curvature"]["steps"] == sb["curvature"]["steps"]
-    assert_states_equal(sa["curvature"], sb["curvature"])
+    assert curvature_of(sa)["steps"] == curvature_of(sb)["steps"]
+    assert_states_equal(curvature_of(sa), curvature_of(sb))
     assert sa["state"].keys() == sb["state"].keys()
     for key, value in sa["state"].items():
         assert torch.equal(value["momentum_buffer"], sb["state"][key]["momentum_buffer"])
@@ -345,10 +346,10 @@ def check(case: Case, monkeypatch) -> None:
         assert_same_run(poisoned, clean)
         return
 
-    before, after = poisoned.before["curvature"], poisoned.after["curvature"]
+    before, after = curvature_of(poisoned.before), curvature_of(poisoned.after)
     others = [name for name in after["layers"] if name != injector.target]
     assert after["steps"] == s + 1 and done == BATCHES
-    assert_states_equal(after, clean.after["curvature"], others)
+    assert_states_equal(after, curvature_of(clean.after), others)
     if case.stage == "factor":
         assert injector.factor_calls >= 1
         assert poisoned.opt.faults == {(local, "non-finite statistics"):
@@ -364,7 +365,7 @@ def check(case: Case, monkeypatch) -> None:
                    for (place, _), record in faults.items())  # e.g. a count of retries
         assert poisoned.warnings and all(f"{local}:" in w and f"(step {s};" in w
                                          for w in poisoned.warnings)
-        assert_states_equal(after, clean.after["curvature"], [injector.target], LAYER_KEYS)
+        assert_states_equal(after, curvature_of(clean.after), [injector.target], LAYER_KEYS)
         assert_states_equal(after, before, [injector.target], BASIS_KEYS)
         mine = after["layers"][injector.target]
         if tekfac.scaling.SCALING_KINDS[tekfac.config.METHODS[case.method][1]].refits:
@@ -374,7 +375,7 @@ def check(case: Case, monkeypatch) -> None:
         changed = "basis_in"  # refreshed again at step 8
     assert not torch.equal(poisoned.after["state"][0]["momentum_buffer"],
                            poisoned.before["state"][0]["momentum_buffer"])  # the step was taken
-    final = poisoned.opt.state_dict()["curvature"]["layers"][injector.target]
+    final = curvature_of(poisoned.opt.state_dict())["layers"][injector.target]
     assert not torch.equal(final[changed], after["layers"][injector.target][changed])
     assert_trains_on(poisoned, s)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tekfac
+from tests.conftest import curvature_of
 
 FAST = dict(cov_update_freq=2, eigen_update_freq=3, scale_update_freq=2)
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
@@ -82,11 +84,11 @@ def assert_same_run(a, b) -> None:
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
     state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
-    assert state_a["curvature"]["steps"] == state_b["curvature"]["steps"]
-    for name, layer in state_a["curvature"]["layers"].items():
-        assert layer.keys() == state_b["curvature"]["layers"][name].keys()
+    assert curvature_of(state_a)["steps"] == curvature_of(state_b)["steps"]
+    for name, layer in curvature_of(state_a)["layers"].items():
+        assert layer.keys() == curvature_of(state_b)["layers"][name].keys()
         for key, value in layer.items():
-            assert torch.equal(value, state_b["curvature"]["layers"][name][key]), (name, key)
+            assert torch.equal(value, curvature_of(state_b)["layers"][name][key]), (name, key)
     for key, value in state_a["state"].items():
         assert torch.equal(value["momentum_buffer"], state_b["state"][key]["momentum_buffer"])
 
@@ -137,7 +139,7 @@ def test_faults_are_warned_once_counted_and_checkpointed():
     assert opt.faults[CAUSE] == {"first_step": 1, "count": 2}
     saved = copy.deepcopy(opt.state_dict())
     assert {"place": "model", "cause": CAUSE[1], "first_step": 1,
-            "count": 2} in saved["curvature"]["faults"]
+            "count": 2} in json.loads(curvature_of(saved)["faults"])
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     resumed = tekfac.TEKFAC(net, **FAST)
     resumed.load_state_dict(saved)

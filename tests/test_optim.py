@@ -14,7 +14,7 @@ from torch import nn
 
 import tekfac
 import tekfac.state
-from tests.conftest import MeanOverSequence, batch, tiny_net, train
+from tests.conftest import MeanOverSequence, batch, curvature_of, set_fields, tiny_net, train
 
 OPTIMIZERS = {"kfac": tekfac.KFAC, "ekfac": tekfac.EKFAC, "tkfac": tekfac.TKFAC,
               "tekfac": tekfac.TEKFAC}
@@ -416,10 +416,11 @@ def test_state_dict_round_trips_every_statistic():
     opt = tekfac.TEKFAC(net, **FAST)
     train(net, opt, [batch(shape) for _ in range(3)])
     saved = opt.state_dict()
-    layer_state = saved["curvature"]["layers"]["0"]
-    assert set(layer_state) == set(tekfac.state.STATE_KEYS)
-    assert saved["curvature"]["steps"] == 3
-    assert saved["curvature"]["seed"] == opt.preconditioner.fisher.seed
+    layer_state = curvature_of(saved)["layers"]["0"]
+    assert set(layer_state) == set(tekfac.state.STATE_KEYS) | {"set"}
+    assert set_fields(layer_state) == set(tekfac.state.STATE_KEYS)  # all of them set
+    assert curvature_of(saved)["steps"] == 3
+    assert curvature_of(saved)["seed"] == opt.preconditioner.fisher.seed
     assert all("momentum_buffer" in s for s in saved["state"].values())
 
 
@@ -491,7 +492,7 @@ def test_loading_a_mismatched_state_is_a_clear_error():
     other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     opt_other = tekfac.KFAC(other, fisher="empirical")
     with pytest.raises(ValueError, match="shape"):
-        opt_other.preconditioner.load_state_dict(opt.state_dict()["curvature"])
+        opt_other.preconditioner.load_state_dict(curvature_of(opt.state_dict()))
     cnn, _ = tiny_net("cnn")
     with pytest.raises(ValueError, match="does not match"):
         tekfac.KFAC(cnn).load_state_dict(opt.state_dict())

@@ -4,6 +4,8 @@ refusals (docs/design.md §5, "Sharded parameters")."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from torch import nn
 import tekfac
 import tekfac.distributed
 import tekfac.fisher
-from tests.conftest import MeanOverSequence, Tokens, argmax_labels
+from tests.conftest import MeanOverSequence, Tokens, argmax_labels, curvature_of
 from tests.test_distributed import FAST, _init, launch
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -181,3 +183,139 @@ def test_a_failed_collective_reports_its_own_cause():
         comm._call(bad)
     assert "crashed" not in str(info.value)
     assert dist.is_available()
+
+
+# ------------------------------------------------------------------------- checkpoints
+def _states(model: nn.Module, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _load(model: nn.Module, opt, path) -> None:
+    """Resume through torch.distributed.checkpoint into a fresh optimizer's template."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    template = _states(model, opt)
+    assert opt.preconditioner.steps == 0  # taking the template took no step
+    dcp.load(template, checkpoint_id=str(path))
+    set_model_state_dict(model, template["model"])
+    set_optimizer_state_dict(model, opt, template["optim"])
+
+
+def _dcp_resume(rank, world, tmp, wrap, method):
+    """Save at step 3 with DCP, resume in a fresh optimizer: bit-identical steps (MC Fisher,
+    each rank's own labels)."""
+    import torch.distributed.checkpoint as dcp
+    _init(rank, world, tmp)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    batches = [(x[shard], y[shard]) for x, y in data("conv", world)]
+    net, model, opt = build("conv", method, "mc", wrap)
+    run(model, opt, batches[:3], mc=True)
+    dcp.save(_states(model, opt), checkpoint_id=str(tmp / "ckpt"))
+    run(model, opt, batches[3:], mc=True)
+    net2, model2, opt2 = build("conv", method, "mc", wrap)
+    _load(model2, opt2, tmp / "ckpt")
+    pre, pre2 = opt.preconditioner, opt2.preconditioner
+    assert pre2.steps == 3
+    assert all(pre2.states[la].factor_in is not None for la in pre2.layers if pre2.work.mine(la))
+    run(model2, opt2, batches[3:], mc=True)
+    for p, q in zip(full_parameters(net), full_parameters(net2)):
+        assert torch.equal(p, q), method
+    assert pre.steps == pre2.steps == STEPS
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_dcp_resume_is_exact(tmp_path, wrap):
+    for method in ("kfac", "tekfac"):
+        (tmp_path / method).mkdir()
+        launch(_dcp_resume, 2, tmp_path / method, wrap, method)
+
+
+def _save_on(rank, world, tmp):
+    """Two ranks: save at step 3 and finish; the final parameters to a file."""
+    import torch.distributed.checkpoint as dcp
+    tekfac.fisher.sample_targets = argmax_labels
+    _init(rank, world, tmp)
+    batches = data("conv", 3)  # 60 examples per step, split over the ranks
+    n = len(batches[0][1]) // world
+    local = [(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]) for x, y in batches]
+    net, model, opt = build("conv", "tekfac", "mc", "fsdp")
+    run(model, opt, local[:3], mc=True)
+    dcp.save(_states(model, opt), checkpoint_id=str(tmp / "ckpt"))
+    run(model, opt, local[3:], mc=True)
+    final = full_parameters(net)
+    if rank == 0:
+        torch.save(final, tmp / "final.pt")
+
+
+def _resume_on(rank, world, tmp):
+    """Three ranks: resume the two ranks' checkpoint and take the same last steps."""
+    tekfac.fisher.sample_targets = argmax_labels
+    _init(rank, world, tmp)
+    batches = data("conv", 3)
+    n = len(batches[0][1]) // world
+    local = [(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]) for x, y in batches]
+    net, model, opt = build("conv", "tekfac", "mc", "fsdp")
+    _load(model, opt, tmp / "ckpt")
+    run(model, opt, local[3:], mc=True)
+    expected = torch.load(tmp / "final.pt", weights_only=True)
+    assert relative(full_parameters(net), expected) <= 1e-12
+
+
+@pytest.mark.slow
+def test_dcp_resume_on_another_number_of_ranks(tmp_path):
+    """FSDP2: saved by 2 ranks, resumed by 3 (other owners, other shards): the same steps to
+    1e-12 (the statistics' sums run in another order, so not bit-identical)."""
+    launch(_save_on, 2, tmp_path)
+    (tmp_path / "pg").unlink(missing_ok=True)
+    launch(_resume_on, 3, tmp_path)
+
+
+def _trained(method: str = "tekfac"):
+    net = conv_net()
+    opt = tekfac.KroneckerOptimizer(net, method, params=groups(net), **FAST)
+    run(net, opt, data("conv", 1)[:3], mc=True)
+    return net, opt
+
+
+def test_a_state_dict_without_tekfac_state_is_refused():
+    net, opt = _trained()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="no tekfac state"):
+        opt.load_state_dict(sgd.state_dict())
+
+
+def test_state_keys_written_as_strings_still_attach_and_unknown_keys_are_refused():
+    """A flattening tool may give the state's parameter ids as strings: they name the same
+    parameters (torch.optim would drop them silently); a key that names none is refused."""
+    net, opt = _trained()
+    saved = opt.state_dict()
+    as_strings = {**saved, "state": {str(k): v for k, v in saved["state"].items()}}
+    twin_net = copy.deepcopy(net)
+    twin = tekfac.KroneckerOptimizer(twin_net, "tekfac", params=groups(twin_net), **FAST)
+    twin.load_state_dict(as_strings)
+    for p, q in zip(net.parameters(), twin_net.parameters()):
+        assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
+    with pytest.raises(ValueError, match="names no parameter"):
+        twin.load_state_dict({**saved, "state": {**saved["state"], 99: {}}})
+
+
+def test_a_fresh_state_dict_is_a_complete_template():
+    """Before any step: an entry per parameter, zero momentum buffers (read back as none),
+    every curvature field with its flags unset; loading it changes nothing."""
+    net = conv_net()
+    opt = tekfac.KroneckerOptimizer(net, "tekfac", params=groups(net), **FAST)
+    template = opt.state_dict()
+    assert len(template["state"]) == len(list(net.parameters()))
+    assert all(not e["momentum_buffer"].any() for e in template["state"].values())
+    layers = curvature_of(template)["layers"]
+    assert all(not entry["set"].any() for entry in layers.values())
+    opt.load_state_dict(template)
+    assert not any("momentum_buffer" in opt.state[p] for p in net.parameters())
+    run(net, opt, data("conv", 1)[:1], mc=True)  # and trains
