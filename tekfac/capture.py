@@ -96,6 +96,11 @@ class Capture:
     def has_inputs(self) -> bool:
         return any(self.calls.values())
 
+    def batches(self, forwards: set[int] | None = None) -> dict[KroneckerLayer, LayerBatch]:
+        """:meth:`batch` of every layer called this step that has one."""
+        batches = {layer: self.batch(layer, forwards) for layer in self.calls}
+        return {layer: b for layer, b in batches.items() if b is not None}
+
     def batch(self, layer: KroneckerLayer, forwards: set[int] | None = None
               ) -> LayerBatch | None:
         """This step's calls of ``layer`` that received an output gradient, grouped by forward

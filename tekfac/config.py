@@ -152,6 +152,18 @@ class CurvatureConfig:
             raise TypeError(f"Invalid factor_dtype: {self.factor_dtype!r}; expected a floating "
                             "torch.dtype such as torch.float32, or None")
 
+    def check_same_method(self, factors: str | None, scaling: str | None) -> None:
+        """``ValueError`` unless the factor and scaling kinds of a checkpoint (``None``: not
+        recorded, as in release 0.1.0) are this configuration's."""
+        theirs = (factors or self.factors, scaling or self.scaling)
+        if theirs != (self.factors, self.scaling):
+            raise ValueError(
+                f"state_dict was saved by {method_name(*theirs)} ({theirs[0]} factors, "
+                f"{theirs[1]} scaling), but this optimizer is "
+                f"{method_name(self.factors, self.scaling)} ({self.factors} factors, "
+                f"{self.scaling} scaling): its statistics mean something else here; resume "
+                "with the method that saved it")
+
     @classmethod
     def for_method(cls, method: str, **options: object) -> CurvatureConfig:
         """Build the configuration of a named method (``"kfac"``, ``"ekfac"``, ...)."""

@@ -329,6 +329,25 @@ class WorkSplit:
         else:
             yield from (compute(i) for i in range(len(matrices)))
 
+    def preconditioned(self, grads: dict[KroneckerLayer, Tensor],
+                       precondition: Callable[[KroneckerLayer], Tensor]
+                       ) -> list[tuple[KroneckerLayer, Tensor]]:
+        """``(layer, precondition(layer))`` for every layer of ``grads`` (its gradient
+        matrices, the same on every rank): computed by every rank, or by each layer's owner
+        and broadcast (one packed broadcast per owner)."""
+        layers = list(grads)
+        if self.owners is None:
+            return [(la, precondition(la)) for la in layers]
+        shared = self.from_owners(layers, lambda i: [precondition(layers[i])],
+                                  [[grads[la]] for la in layers])
+        return [(la, d) for la, (d,) in zip(layers, shared)]
+
+    def check_mine(self, layer: KroneckerLayer) -> None:
+        """``RuntimeError`` unless this rank keeps the layer's curvature."""
+        if not self.mine(layer):
+            raise RuntimeError(f"Layer {layer.name!r} is held by rank {self.owners[layer]} "
+                               "(distributed_mode='owner'); ask that rank")
+
     def from_owners(self, layers: Sequence[KroneckerLayer],
                     compute: Callable[[int], list[Tensor]],
                     templates: Sequence[list[Tensor]]) -> list[list[Tensor]]:

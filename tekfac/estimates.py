@@ -16,11 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from tekfac.config import CurvatureConfig
+from tekfac.curvature import Curvature
 from tekfac.distributed import Weighted, WorkSplit
 from tekfac.factors import FactorKind, FactorStatistics
 from tekfac.guards import non_finite
 from tekfac.layers import KroneckerLayer
 from tekfac.linalg import power_iteration_refresh, symmetric_eigh
+from tekfac.profiling import stage
 from tekfac.scaling import ScalingKind
 from tekfac.state import LayerState
 from tekfac.truncation import grid_length, truncate, with_remainder
@@ -64,6 +67,19 @@ class Estimates:
             if layer not in skipped:
                 self.states[layer].fold_factors(stats, decay)
         return skipped
+
+    def refresh(self, skipped: set[KroneckerLayer], full: bool, cheap: bool) -> None:
+        """The bases due this step, of the layers this rank keeps that have factors and were
+        not ``skipped``: every one if ``full``, else those without a basis yet, and with
+        ``cheap`` the others by a power iteration (docs/design.md §4.2)."""
+        ready = [la for la in self.layers if la not in skipped and self.work.mine(la)
+                 and self.states[la].factor_in is not None]
+        refresh = [la for la in ready if full or not self.states[la].has_basis]
+        refined = [la for la in ready if la not in refresh] if cheap else []
+        if refresh or refined:
+            with stage("eigendecomposition"):
+                self.refresh_bases(refresh)
+                self.refresh_bases(refined, from_previous=True)
 
     def refresh_bases(self, layers: list[KroneckerLayer], from_previous: bool = False) -> None:
         """Eigendecompose the factors of ``layers`` (where, is the work split's choice) and
@@ -117,6 +133,15 @@ class Estimates:
         for layer, (estimate,) in estimates.items():
             if layer not in bad:
                 self.states[layer].fold_scaling(estimate, decay)
+
+    def precondition(self, layer: KroneckerLayer, grad: Tensor, config: CurvatureConfig,
+                     multiplier: float) -> Tensor:
+        """``(c·F̂ + damping)^{-1} ∇`` of ``layer`` (``c``: ``multiplier``), or ``∇`` itself
+        before the layer has a scaling."""
+        state = self.states[layer]
+        if state.scaling is None:
+            return grad
+        return Curvature(layer, state, config, multiplier).precondition(grad)
 
     def _non_finite(self, what: str, tensors: dict[KroneckerLayer, Sequence[Tensor]]
                     ) -> set[KroneckerLayer]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from tekfac.capture import Capture
     from tekfac.records import Call
 
 
@@ -170,33 +171,47 @@ def num_terms(loss: str, outputs_shape: torch.Size, mask: Tensor | None) -> int 
     return mask.sum() if mask is not None else terms_shape(loss, outputs_shape).numel()
 
 
-class LossTerms:
-    """The loss terms and examples of each backward call of a step, for ``c``.
-
-    ``c`` (:meth:`FisherKind.curvature_multiplier`) is read from the terms kept by the masks
-    and the examples of all micro-batches of the step together: ``K = Σ terms / Σ examples``.
+class StepLoss:
+    """What the backward calls of a step saw of the user's loss: its terms and examples, for
+    ``c`` (:meth:`FisherKind.curvature_multiplier`: ``K = Σ terms / Σ examples`` over all
+    micro-batches, the terms kept by their masks), and whether it or the outputs were finite.
     """
 
-    def __init__(self):
+    def __init__(self, loss: str):
+        self.loss = loss
         self._calls: list[tuple[int | Tensor, int]] = []
         self._step = -1
+        #: a 0-dim bool tensor: a loss or outputs of this step held NaN or Inf (None: no call)
+        self.bad: Tensor | None = None
 
-    def add(self, step: int, terms: int | Tensor, examples: int) -> None:
+    def add(self, step: int, loss: Tensor, outputs: Tensor, mask: Tensor | None,
+            examples: int) -> None:
         """Count one backward call of step ``step`` (the first of a step forgets the last's)."""
         if self._step != step:
             self._calls, self._step = [], step
-        self._calls.append((terms, examples))
+        self._calls.append((num_terms(self.loss, outputs.shape, mask), examples))
+        bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
+        self.bad = bad if self.bad is None else self.bad | bad
 
     def clear(self) -> None:
         """Forget the current step's calls (a skipped step)."""
-        self._calls = []
+        self._calls, self.bad = [], None
 
-    def counts(self, step: int) -> tuple[float, int] | None:
-        """``(Σ terms, Σ examples)`` of step ``step`` (or of the step before it, which
-        ``step`` follows once the curvature is updated), or ``None`` if it had no call."""
-        if not self._calls or self._step < step - 1:
-            return None
-        return float(sum(t for t, _ in self._calls)), sum(n for _, n in self._calls)
+    def multiplier(self, step: int, fisher: FisherKind, capture: Capture) -> float:
+        """``c`` of step ``step`` (or of the step before it, which ``step`` follows once the
+        curvature is updated). Without a call of the optimizer's backward (a plain
+        ``loss.backward()``) the loss is taken to be computed from the output of the latest
+        tracked layer called (its class axis, for the categorical losses, is that layer's
+        output features or channels), on that call's examples."""
+        if capture.examples is None:
+            raise RuntimeError("The curvature of the loss needs a forward pass of the model "
+                               "first")
+        if self._calls and self._step >= step - 1:
+            terms, examples = sum(t for t, _ in self._calls), sum(n for _, n in self._calls)
+        else:
+            shape = torch.Size((capture.examples, capture.width, capture.positions))
+            terms, examples = num_terms(self.loss, shape, None), capture.examples
+        return fisher.curvature_multiplier(float(terms), examples)
 
 
 def masked_terms(loss: str, outputs: Tensor, mask: Tensor | None) -> Tensor:

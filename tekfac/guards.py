@@ -9,10 +9,11 @@ synchronisation, :func:`all_finite` checks a step's gradients without one, and
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
@@ -61,14 +62,32 @@ class Faults:
                       "occurrences are counted in the optimizer's faults)", RuntimeWarning,
                       stacklevel=stacklevel)
 
-    def state_dict(self) -> list[dict]:
-        """The records as a list of plain dicts (checkpoint format)."""
-        return [{"place": place, "cause": cause, **record}
-                for (place, cause), record in self.records.items()]
+    def state_dict(self) -> str:
+        """The records as JSON, a list of plain dicts (checkpoint format; a string, so that
+        ``torch.distributed.checkpoint`` saves it whole)."""
+        return json.dumps([{"place": place, "cause": cause, **record}
+                           for (place, cause), record in self.records.items()])
 
-    def load_state_dict(self, entries: Sequence[dict]) -> None:
+    def load_state_dict(self, entries: str | Sequence[dict]) -> None:
+        """Restore :meth:`state_dict` (or the list that formats 1 and 2 saved)."""
+        entries = json.loads(entries) if isinstance(entries, str) else entries
         self.records = {(e["place"], e["cause"]): {"first_step": int(e["first_step"]),
                                                    "count": int(e["count"])} for e in entries}
+
+
+def step_fault(bad_outputs: Tensor | None, grads: Sequence[Tensor],
+               reduce_max: Callable[[Tensor], Tensor]) -> str | None:
+    """Why a step must be skipped whole, or ``None``: ``bad_outputs`` (a 0-dim bool tensor:
+    non-finite model outputs or loss; ``None``: none seen) or a non-finite entry of
+    ``grads``. One host synchronisation; ``reduce_max`` (the process group's maximum) makes
+    the answer every rank's."""
+    device = grads[0].device if grads else torch.device("cpu")
+    outputs = bad_outputs if bad_outputs is not None else torch.tensor(False)
+    flags = torch.stack([outputs.to(device), ~all_finite(grads).to(device)]).float()
+    bad_outputs_seen, bad_grads = reduce_max(flags).tolist()
+    if bad_outputs_seen:
+        return "non-finite model outputs or loss"
+    return "non-finite gradient" if bad_grads else None
 
 
 def user_stacklevel() -> int:

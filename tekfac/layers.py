@@ -26,7 +26,7 @@ import difflib
 import fnmatch
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -101,16 +101,17 @@ class KroneckerLayer:
         """``p = d_out · d_in``, the size of the Kronecker block's side."""
         return self.d_out * self.d_in
 
-    def gradient_matrix(self, weight_decay: float | Sequence[float] = 0.0) -> Tensor | None:
+    def gradient_matrix(self, weight_decay: float | Mapping[Tensor, float] = 0.0
+                        ) -> Tensor | None:
         """``[dW.flatten(1) | db]`` of shape ``(d_out, d_in)``, plus ``wd·M`` (one ``wd``, or
-        one per parameter of :attr:`params`: ``[wd_W·W | wd_b·b]``), or ``None`` when the
+        one per parameter: ``[wd_W·W | wd_b·b]``, 0 for a parameter absent), or ``None`` when the
         layer received no gradient. Sharded parameters' pieces are gathered whole
         (:func:`tekfac.sharding.full`, a collective: every rank calls it for every layer)."""
         params = self.params
         if any(p.grad is None for p in params):
             return None
-        decay = ([weight_decay] * len(params) if isinstance(weight_decay, (int, float))
-                 else weight_decay)
+        decay = ([weight_decay.get(p, 0.0) for p in params] if isinstance(weight_decay, Mapping)
+                 else [weight_decay] * len(params))
         return self.matrix([full(p.grad + wd * p.detach() if wd else p.grad)
                             for p, wd in zip(params, decay)])
 

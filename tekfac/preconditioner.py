@@ -1,18 +1,15 @@
 """The Kronecker-factored preconditioner: the schedule and the loop over layers (docs/design.md §4).
 
-:class:`Preconditioner` decides what is due at each step and runs it for every tracked layer;
-the work itself lives with the pieces it belongs to: the statistics in the factor and scaling
-kinds (:mod:`tekfac.factors`, :mod:`tekfac.scaling`), their output gradients in the Fisher kind
-(:mod:`tekfac.fisher`), the per-layer updates in :class:`tekfac.state.LayerState`, damping in
-:mod:`tekfac.damping`, and which rank does what in :class:`tekfac.distributed.WorkSplit`. Used
-alone it rewrites the ``.grad`` of the tracked layers, so any ``torch.optim`` optimizer can
-take the step; :class:`tekfac.optim.KroneckerOptimizer` composes it with KL clipping and
-momentum SGD.
+:class:`Preconditioner` runs what :class:`tekfac.schedule.Schedule` says is due; the work lives
+with its pieces: the batch statistics in :class:`tekfac.statistics.Statistics`, their output
+gradients in the Fisher kind, the running estimates in :class:`tekfac.estimates.Estimates`, and
+which rank does what in :class:`tekfac.distributed.WorkSplit`. Used alone it rewrites the
+``.grad`` of the tracked layers, so any ``torch.optim`` optimizer can take the step;
+:class:`tekfac.optim.KroneckerOptimizer` composes it with KL clipping and momentum SGD.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -24,8 +21,8 @@ from tekfac.curvature import Curvature
 from tekfac.distributed import Communicator, WorkSplit
 from tekfac.estimates import Estimates
 from tekfac.factors import FACTOR_KINDS
-from tekfac.fisher import FISHER_KINDS, LossTerms, check_mask, num_terms
-from tekfac.guards import Faults, all_finite
+from tekfac.fisher import FISHER_KINDS, StepLoss, check_mask
+from tekfac.guards import Faults, step_fault
 from tekfac.layers import KroneckerLayer, describe_layers, plan_layers, unwrap
 from tekfac.profiling import stage
 from tekfac.records import LayerBatch
@@ -95,8 +92,7 @@ class Preconditioner:
         self.steps = 0
         #: (place, cause) → the step it first occurred at and how often (checkpointed)
         self.faults = Faults()
-        self._bad_outputs: Tensor | None = None  # non-finite outputs or loss this step
-        self.loss_terms = LossTerms()
+        self.loss = StepLoss(c.loss)
         #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
         #: its step (adaptive damping), under ``torch.no_grad``
         self.probing = False
@@ -108,59 +104,37 @@ class Preconditioner:
         return self.estimates.states
 
     @property
-    def eigendecompositions(self) -> int:
-        """How many eigendecompositions this rank has computed (its share of the work split)."""
-        return self.estimates.eigendecompositions
-
-    # ---------------------------------------------------------------- schedule
-    @property
     def statistics_due(self) -> bool:
         """Whether the current step collects statistics (factors or a re-fitted scaling)."""
         return self.schedule.statistics(self.steps)
 
-    # ---------------------------------------------------------------- user-facing calls
     def backward(self, loss: Tensor, outputs: Tensor, retain_graph: bool = False,
                  mask: Tensor | None = None) -> None:
         """Backpropagate ``loss``; on MC statistics steps first backpropagate a loss at labels
-        sampled from ``outputs`` to record the output gradients (docs/design.md §1).
-        ``retain_graph`` keeps the graph for later products with the Jacobian of ``outputs``
-        (the quadratic step rule).
+        sampled from ``outputs`` (the predictions ``loss`` was computed from: logits for the
+        classification losses) to record the output gradients (docs/design.md §1); ``.grad``
+        then holds the gradient of ``loss`` only. ``retain_graph`` keeps the graph for the
+        quadratic step rule's products with the Jacobian of ``outputs``.
 
-        Afterwards ``.grad`` holds the gradient of ``loss`` only. ``outputs`` are the model's
-        predictions that ``loss`` was computed from (logits for the classification losses).
         ``mask`` (``torch.bool``, the shape of the loss's terms: ``outputs`` without the class
         axis for the categorical losses) marks the terms that enter ``loss``, e.g.
-        ``labels != -100`` for a loss with ``ignore_index=-100``: the others get no sampled
-        label in the sampled loss, and neither they nor their count enter the curvature
-        (docs/design.md §4b).
-        For gradient accumulation call it once per micro-batch, with each micro-batch's loss
-        divided by the number of micro-batches (so that the sum is the full-batch mean).
-
-        The statistics of the micro-batch that do not depend on this step's basis refresh
-        (the factors, and the re-fitted scaling when the basis stays) are computed between
-        the two backward passes and their cross-rank reduction is launched there, so that it
-        overlaps ``loss.backward()``; :meth:`update_curvature` waits for it.
-        """
+        ``labels != -100`` for ``ignore_index=-100``: the others get no sampled label, and
+        neither they nor their count enter the curvature (docs/design.md §4b). For gradient
+        accumulation call it once per micro-batch, each loss divided by the number of
+        micro-batches. The micro-batch's statistics that this step's basis refresh leaves
+        alone are reduced across ranks during ``loss.backward()`` (:meth:`update_curvature`
+        waits for them)."""
         if self.probing:
             return
         c = self.config
         check_mask(c.loss, outputs, mask)
-        self.loss_terms.add(self.steps, num_terms(c.loss, outputs.shape, mask),
-                            self.capture.examples or 1)
-        bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
-        self._bad_outputs = bad if self._bad_outputs is None else self._bad_outputs | bad
+        self.loss.add(self.steps, loss, outputs, mask, self.capture.examples or 1)
         pending = self.capture.pending()
         if pending:
             self.fisher.record(outputs, pending, self.steps, self.capture.last_layer.d_out, mask)
         if self.fisher.samples and self.statistics_due:
             micro = self._collect({call.forward for call in pending})
-            if self.schedule.factors(self.steps):
-                with stage("statistics"):
-                    self.work.launch("factors", self.statistics.factors(micro))
-            if (self.schedule.scaling(self.steps) and self.schedule.basis_kept(self.steps)
-                    and self.work.knows_bases(self.states)):
-                with stage("scaling"):
-                    self.work.launch("scaling", self.statistics.scaling(micro, self.states))
+            self.statistics.launch(micro, self.schedule, self.steps, self.states)
         loss.backward(retain_graph=retain_graph)
 
     def step(self) -> bool:
@@ -179,55 +153,28 @@ class Preconditioner:
         return True
 
     def bad_step(self, grads: Sequence[Tensor]) -> str | None:
-        """Why this step must be skipped whole, or ``None``: non-finite model outputs or loss
-        (seen by :meth:`backward`) or a non-finite gradient among ``grads``. One host
-        synchronisation; in a process group every rank gets the same answer (one all-reduce
-        of two flags), so that all skip together."""
-        device = grads[0].device if grads else torch.device("cpu")
-        outputs = self._bad_outputs if self._bad_outputs is not None else torch.tensor(False)
-        finite = all_finite([local(g) for g in grads])  # each rank checks its own shards
-        flags = torch.stack([outputs.to(device), ~finite.to(device)]).float()
-        flags = self.comm.max(flags)
-        bad_outputs, bad_grads = flags.tolist()
-        if bad_outputs:
-            return "non-finite model outputs or loss"
-        return "non-finite gradient" if bad_grads else None
+        """Why this step must be skipped whole, or ``None`` (:func:`tekfac.guards.step_fault`
+        of the outputs and loss that :meth:`backward` saw and of ``grads``, each rank's own
+        shards); the same on every rank of a process group, so that all skip together."""
+        return step_fault(self.loss.bad, [local(g) for g in grads], self.comm.max)
 
-    def skip_step(self, cause: str) -> None:
-        """Skip this step whole: no statistics, no eigendecomposition, the step counter
-        unchanged (the next batch is taken as this step, with the same MC labels as if the
-        bad batch had never been seen); reductions in flight are awaited and dropped."""
-        self.warn_once("model", cause, "skipping this step (parameters, momentum, curvature "
-                       "and step counter unchanged)")
-        self._forget_step()
-
-    def _forget_step(self) -> None:
-        """Drop everything this step recorded; reductions in flight are awaited first."""
-        self.loss_terms.clear()
+    def skip_step(self, cause: str | None = None) -> None:
+        """Skip this step whole, warning of ``cause``: no statistics, no eigendecomposition,
+        the step counter unchanged (the next batch is taken as this step, with the same MC
+        labels as if the bad batch had never been seen); everything the step recorded is
+        dropped, reductions in flight awaited first."""
+        if cause is not None:
+            self.warn_once("model", cause, "skipping this step (parameters, momentum, "
+                           "curvature and step counter unchanged)")
+        self.loss.clear()
         self.work.clear(wait=True)
         self.capture.clear()
         self.fisher.end_step()
-        self._bad_outputs = None
 
     def curvature_multiplier(self) -> float:
         """``c`` such that ``c·F̂`` is the curvature of the user's loss (docs/design.md §3),
-        from the loss terms (kept by their masks) and examples of this step's calls of
-        :meth:`backward`, all micro-batches together: ``K = Σ terms / Σ examples`` (see
-        :meth:`tekfac.fisher.FisherKind.curvature_multiplier`). After a plain
-        ``loss.backward()`` (empirical Fisher) the loss is taken to be computed from the
-        output of the latest tracked layer called (its class axis, for the categorical
-        losses, is that layer's output features or channels), on that call's examples."""
-        cap = self.capture
-        if cap.examples is None:
-            raise RuntimeError("The curvature of the loss needs a forward pass of the model "
-                               "first")
-        counts = self.loss_terms.counts(self.steps)
-        if counts is not None:
-            terms, examples = counts
-        else:
-            shape = torch.Size((cap.examples, cap.width, cap.positions))
-            terms, examples = float(num_terms(self.config.loss, shape, None)), cap.examples
-        return self.fisher.curvature_multiplier(terms, examples)
+        from this step's calls of :meth:`backward` (:meth:`tekfac.fisher.StepLoss.multiplier`)."""
+        return self.loss.multiplier(self.steps, self.fisher, self.capture)
 
     def curvature(self, module: nn.Module) -> Curvature:
         """The curvature object of a tracked module (see :class:`tekfac.curvature.Curvature`)."""
@@ -236,9 +183,7 @@ class Preconditioner:
             tracked = ", ".join(la.name for la in self.layers)
             raise KeyError(f"{type(module).__name__} is not tracked by this optimizer; tracked "
                            f"layers: {tracked}")
-        if not self.work.mine(layer):
-            raise RuntimeError(f"Layer {layer.name!r} is held by rank {self.work.owners[layer]} "
-                               "(distributed_mode='owner'); ask that rank")
+        self.work.check_mine(layer)
         state = self.states[layer]
         multiplier = self.curvature_multiplier() if state.has_basis else 1.0  # else it raises
         return Curvature(layer, state, self.config, multiplier)
@@ -257,7 +202,6 @@ class Preconditioner:
                 f"{len(self.layers)} Kronecker layers ({params} parameters), "
                 f"{len(self.untracked)} first-order modules; see describe())")
 
-    # ---------------------------------------------------------------- the update
     def update_curvature(self) -> None:
         """Fold this step's statistics into the running estimates (docs/design.md §4.1–3) and
         advance the step counter. In a process group every rank must call it on every step."""
@@ -270,16 +214,8 @@ class Preconditioner:
                 if self.schedule.factors(self.steps):
                     reduced = self.work.reduced("factors", lambda: self.statistics.factors(batch))
                     skipped = self.estimates.fold_factors(reduced, c.stat_decay)
-        ready = [la for la in self.layers if la not in skipped and self.work.mine(la)
-                 and self.states[la].factor_in is not None]
-        refresh = [la for la in ready
-                   if self.schedule.bases(self.steps) or not self.states[la].has_basis]
-        cheap = [la for la in ready if la not in refresh] \
-            if self.schedule.cheap_refresh(self.steps) else []
-        if refresh or cheap:
-            with stage("eigendecomposition"):
-                self.estimates.refresh_bases(refresh)
-                self.estimates.refresh_bases(cheap, from_previous=True)
+        self.estimates.refresh(skipped, self.schedule.bases(self.steps),
+                               self.schedule.cheap_refresh(self.steps))
         if self.schedule.scaling(self.steps):
             with stage("scaling"):
                 reduced = self.work.reduced(
@@ -289,7 +225,7 @@ class Preconditioner:
         self._clear()
         self.capture.recording = self.statistics_due
         self.fisher.end_step()
-        self._bad_outputs = None
+        self.loss.bad = None
 
     def directions(self, weight_decay: float | Mapping[Tensor, float] = 0.0
                    ) -> dict[KroneckerLayer, tuple[Tensor, Tensor]]:
@@ -298,48 +234,27 @@ class Preconditioner:
         preconditioned form ``(c·F̂ + damping)^{-1} ∇`` (``c``: :meth:`curvature_multiplier`);
         a layer without curvature yet has
         ``Δ = ∇``. In 'owner' mode each layer's owner preconditions it and broadcasts ``Δ``."""
-        def decay(layer: KroneckerLayer) -> float | list[float]:
-            if isinstance(weight_decay, Mapping):
-                return [weight_decay.get(p, 0.0) for p in layer.params]
-            return weight_decay
-
         with stage("preconditioning"):
             grads = {la: g for la in self.layers
-                     if (g := la.gradient_matrix(decay(la))) is not None}
-
+                     if (g := la.gradient_matrix(weight_decay)) is not None}
             multiplier = self.curvature_multiplier() if grads else 1.0
+            return {la: (grads[la], d) for la, d in self.work.preconditioned(
+                grads, lambda la: self.estimates.precondition(la, grads[la], self.config,
+                                                              multiplier))}
 
-            def precondition(layer: KroneckerLayer) -> Tensor:
-                state = self.states[layer]
-                if state.scaling is None:
-                    return grads[layer]
-                return Curvature(layer, state, self.config, multiplier).precondition(
-                    grads[layer])
-
-            layers = list(grads)
-            if self.work.owners is None:
-                return {la: (grads[la], precondition(la)) for la in layers}
-            shared = self.work.from_owners(layers, lambda i: [precondition(layers[i])],
-                                           [[grads[la]] for la in layers])
-            return {la: (grads[la], d) for la, (d,) in zip(layers, shared)}
-
-    # ---------------------------------------------------------------- statistics
     def _collect(self, forwards: set[int] | None = None) -> dict[KroneckerLayer, LayerBatch]:
         """This step's recorded examples per layer, of ``forwards`` only if given (nothing is
         unfolded yet). Records that are refused (see :meth:`tekfac.capture.Capture.batch`)
         drop the whole step's records before the error propagates, so that the next step,
         with the cause fixed, starts clean."""
-        cap = self.capture
         try:
             if forwards is None:
-                self.fisher.check_recorded(cap.has_inputs)
-            batches = {layer: cap.batch(layer, forwards) for layer in cap.calls}
+                self.fisher.check_recorded(self.capture.has_inputs)
+            return self.capture.batches(forwards)
         except RuntimeError:
-            self._forget_step()
+            self.skip_step()
             raise
-        return {layer: b for layer, b in batches.items() if b is not None}
 
-    # ---------------------------------------------------------------- helpers
     def _clear(self) -> None:
         """Forget this step's records and any reduction still in flight."""
         self.capture.clear()
@@ -351,7 +266,6 @@ class Preconditioner:
         place = f"layer {where.name!r}" if isinstance(where, KroneckerLayer) else where
         self.faults(place, cause, consequence, self.steps, stacklevel=4)
 
-    # ---------------------------------------------------------------- checkpoints
     def state_dict(self, gather: bool | None = None) -> dict:
         """Step counter, MC seed, the method's factor and scaling kinds, faults (as JSON), and
         per-layer statistics/bases/scalings (:meth:`tekfac.estimates.Estimates.state_dict`:
@@ -360,7 +274,7 @@ class Preconditioner:
         The MC sampler is a function of (seed, step), so no RNG state is needed."""
         gather = not self.sharded if gather is None else gather
         return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
-                "scaling": self.config.scaling, "faults": json.dumps(self.faults.state_dict()),
+                "scaling": self.config.scaling, "faults": self.faults.state_dict(),
                 "layers": self.estimates.state_dict(gather)}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -371,18 +285,10 @@ class Preconditioner:
         saved = state_dict.get("layers")
         if not isinstance(saved, dict):
             raise ValueError("Invalid state_dict: no 'layers' entry; was it saved by tekfac?")
-        c = self.config
-        theirs = (state_dict.get("factors", c.factors), state_dict.get("scaling", c.scaling))
-        if theirs != (c.factors, c.scaling):
-            raise ValueError(
-                f"state_dict was saved by {method_name(*theirs)} ({theirs[0]} factors, "
-                f"{theirs[1]} scaling), but this optimizer is {method_name(c.factors, c.scaling)}"
-                f" ({c.factors} factors, {c.scaling} scaling): its statistics mean something "
-                "else here; resume with the method that saved it")
+        self.config.check_same_method(state_dict.get("factors"), state_dict.get("scaling"))
         self.estimates.load_state_dict(saved)
         self.steps, self.fisher.seed = int(state_dict["steps"]), int(state_dict["seed"])
-        faults = state_dict.get("faults", [])
-        self.faults.load_state_dict(json.loads(faults) if isinstance(faults, str) else faults)
+        self.faults.load_state_dict(state_dict.get("faults", []))
         self._clear()
         self.capture.recording = self.statistics_due
 

@@ -17,8 +17,10 @@ from tekfac.distributed import Weighted, WorkSplit
 from tekfac.factors import FactorKind
 from tekfac.fisher import FisherKind
 from tekfac.layers import KroneckerLayer
+from tekfac.profiling import stage
 from tekfac.records import Examples, LayerBatch
 from tekfac.scaling import ScalingKind
+from tekfac.schedule import Schedule
 from tekfac.state import LayerState, state_shapes
 
 
@@ -35,6 +37,18 @@ class Statistics:
         self.layers = list(layers)
         self.factor_kind, self.scaling_kind, self.fisher, self.work = (
             factor_kind, scaling_kind, fisher, work)
+
+    def launch(self, micro: dict[KroneckerLayer, LayerBatch], schedule: Schedule, step: int,
+               states: dict[KroneckerLayer, LayerState]) -> None:
+        """Launch the cross-rank means of one micro-batch's statistics that step ``step``
+        already knows: its factors, and its re-fitted scaling when no basis changes this step
+        and every rank holds every basis."""
+        if schedule.factors(step):
+            with stage("statistics"):
+                self.work.launch("factors", self.factors(micro))
+        if schedule.scaling(step) and schedule.basis_kept(step) and self.work.knows_bases(states):
+            with stage("scaling"):
+                self.work.launch("scaling", self.scaling(micro, states))
 
     def factors(self, batch: dict[KroneckerLayer, LayerBatch]) -> dict[KroneckerLayer, Weighted]:
         """Layer → (batch-mean factors and δ, example count), padded by the work split. δ is

@@ -108,10 +108,10 @@ def _equal_to_reference(rank, world, tmp, fisher, options=None):
             assert (p - q).norm() <= tol * q.norm(), (method, p.shape)
         # the work split: 3 layers × 2 factors at each of 2 refreshes (steps 0 and 3)
         counts = [torch.zeros((), dtype=torch.long) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor(opt.preconditioner.eigendecompositions))
+        dist.all_gather(counts, torch.tensor(opt.preconditioner.estimates.eigendecompositions))
         counts = [int(c) for c in counts]
         assert sum(counts) == 12 and max(counts) < 12, counts
-        assert ref_opt.preconditioner.eigendecompositions == 12
+        assert ref_opt.preconditioner.estimates.eigendecompositions == 12
         assert opt.preconditioner.comm.bytes_sent > 0
         assert opt.preconditioner.comm.wait_s > 0  # the statistics reductions were awaited
     assert bool(sampled) == mc  # the sampler's patch applied

@@ -223,7 +223,7 @@ def train(case: Case, injector: Injector | None, skip: bool = False) -> Run:
                     continue
                 run.before = copy.deepcopy(opt.state_dict())
                 run.statistics_due = opt.preconditioner.statistics_due
-                eigendecompositions = opt.preconditioner.eigendecompositions
+                eigendecompositions = opt.preconditioner.estimates.eigendecompositions
             active = injector is not None and i == s
             if injector is not None:
                 injector.on = active
@@ -250,7 +250,7 @@ def train(case: Case, injector: Injector | None, skip: bool = False) -> Run:
             run.losses.append(loss.item())
             if i == s:
                 run.after = copy.deepcopy(opt.state_dict())
-                run.eigendecompositions = (opt.preconditioner.eigendecompositions
+                run.eigendecompositions = (opt.preconditioner.estimates.eigendecompositions
                                            - eigendecompositions)
     run.warnings = [str(w.message) for w in caught if str(w.message).startswith("tekfac:")]
     return run
