@@ -28,7 +28,7 @@ from tekfac.profiling import stage
 from tekfac.records import LayerBatch
 from tekfac.scaling import SCALING_KINDS
 from tekfac.schedule import Schedule
-from tekfac.sharding import local, sharded_parameters
+from tekfac.sharding import check_sharding, local, sharded_parameters
 from tekfac.state import LayerState
 from tekfac.statistics import Statistics
 
@@ -71,6 +71,7 @@ class Preconditioner:
                        "a torch.amp.GradScaler or None", optional=True)
         check_instance("seed", seed, int, "an int or None", optional=True)
         self.model = unwrap(model)
+        check_sharding(self.model)
         self.layers, self.untracked = plan_layers(self.model, exclude, c.max_factor_dim)
         for layer in self.layers:
             layer.rank = c.basis_rank

@@ -12,8 +12,6 @@ FSDP2.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from torch import Tensor, nn
 
 try:
@@ -52,12 +50,33 @@ def sharded_parameters(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad and is_sharded(p)]
 
 
-def check_placements(named: Iterable[tuple[str, Tensor]]) -> None:
-    """``ValueError`` for a ``DTensor`` parameter with a ``Partial`` placement (a pending
-    reduction, which no step can read); ``Shard`` and ``Replicate`` placements are fine."""
-    for name, p in named:
-        if is_sharded(p) and any(isinstance(pl, Partial) for pl in p.placements):
-            raise ValueError(f"Invalid parameter {name!r}: its DTensor placements "
-                             f"{p.placements} include Partial; tekfac steps parameters that "
-                             "are sharded (Shard) or replicated (Replicate), as fully_shard "
-                             "makes them")
+def check_sharding(model: nn.Module) -> None:
+    """``ValueError`` for the shardings tekfac does not support, which would otherwise give
+    wrong statistics or fail deep in a step: FSDP1 (``FullyShardedDataParallel``, whose flat
+    parameters hide the layers' weights), tensor parallelism (``DTensor`` parameters outside
+    ``fully_shard``, or sharded along a second mesh dimension: the layers would see shards
+    of their activations) and ``Partial`` placements. FSDP2's ``fully_shard`` on a 1-D mesh
+    or HSDP's 2-D mesh passes."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a build without torch.distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError("Invalid model: it is wrapped in FSDP1's FullyShardedDataParallel, "
+                         "whose flat parameters hide the layers' weights; shard it with "
+                         "FSDP2 (torch.distributed.fsdp.fully_shard) instead and build the "
+                         "optimizer after sharding")
+    managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule)
+               for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if not is_sharded(p):
+            continue
+        shards = [pl for pl in p.placements if pl.is_shard()]
+        if id(p) not in managed or len(shards) > 1 or any(
+                isinstance(pl, Partial) for pl in p.placements):
+            raise ValueError(
+                f"Invalid parameter {name!r}: a DTensor with placements {p.placements} "
+                f"{'outside fully_shard' if id(p) not in managed else ''}. tekfac supports "
+                "FSDP2's fully_shard (a 1-D mesh, or HSDP's replicate × shard mesh); tensor "
+                "parallelism shards the layers' activations, which its statistics need "
+                "whole, and is not supported")

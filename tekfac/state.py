@@ -115,11 +115,15 @@ class LayerState:
         entry = dict(entry)
         flags = entry.pop("set", None)
         unknown = set(entry) - set(shapes)
-        if unknown or (flags is not None and len(flags) != len(shapes)):
-            raise ValueError(f"state_dict layer {layer.name!r} has unknown keys "
-                             f"{unknown or sorted(entry)} (a basis saved for a side that is "
-                             "diagonal here?)")
+        if unknown:
+            raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown} (a "
+                             "basis saved for a side that is diagonal here?)")
         if flags is not None:
+            if list(entry) != list(shapes):
+                raise ValueError(
+                    f"state_dict does not match layer {layer.name!r}: it lacks "
+                    f"{sorted(set(shapes) - set(entry))} (a side saved diagonal that is dense "
+                    "here: was max_factor_dim changed?)")
             entry = {key: entry[key] for key, flag in zip(shapes, flags.tolist()) if flag}
         for key, shape in shapes.items():
             value = entry.get(key)

@@ -306,13 +306,13 @@ def test_the_adapted_damping_is_checkpointed_and_a_resumed_run_is_identical():
         opt.step(closure_for(opt, net, x, y))
     assert opt.damping != 0.1
     saved_net, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
-    assert saved_opt["damping"] == opt.damping
+    assert saved_opt["param_groups"][0]["tekfac"]["damping"] == opt.damping
     for _ in range(4):
         opt.step(closure_for(opt, net, x, y))
     net2, opt2 = build()
     net2.load_state_dict(saved_net)
     opt2.load_state_dict(saved_opt)
-    assert opt2.damping == saved_opt["damping"]
+    assert opt2.damping == saved_opt["param_groups"][0]["tekfac"]["damping"]
     for _ in range(4):
         opt2.step(closure_for(opt2, net2, x, y))
     assert opt2.damping == opt.damping

@@ -5,6 +5,11 @@ refusals (docs/design.md §5, "Sharded parameters")."""
 from __future__ import annotations
 
 import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +152,6 @@ def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process(tmp_path, kind, wrap, m
     launch(_equal_to_ddp_and_one_process, 2, tmp_path, kind, wrap, micro, scaled)
 
 
-@pytest.mark.slow
 def test_fsdp2_on_three_ranks(tmp_path):
     launch(_equal_to_ddp_and_one_process, 3, tmp_path, "conv", "fsdp", 1, False)
 
@@ -164,11 +168,21 @@ def _refusals(rank, world, tmp):
     for option in (dict(step_rule="quadratic"), dict(damping_adaptive=True)):
         with pytest.raises(ValueError, match="FSDP2"):
             tekfac.TEKFAC(net, **option)
+    fsdp1 = fsdp.FullyShardedDataParallel(conv_net(), device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match="FSDP1"):
+        tekfac.TEKFAC(fsdp1)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    tp = parallelize_module(conv_net(), init_device_mesh("cpu", (world,)),
+                            {"3": ColwiseParallel()})
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        tekfac.TEKFAC(tp)
 
 
 def test_refusals_on_a_sharded_model(tmp_path):
-    """An optimizer built before ``fully_shard`` is refused at its first step, and the step
-    rules that need the whole parameter vector at once are refused at construction."""
+    """An optimizer built before ``fully_shard`` is refused at its first step; the step
+    rules that need the whole parameter vector at once, FSDP1 and tensor parallelism are
+    refused at construction."""
     launch(_refusals, 2, tmp_path)
 
 
@@ -268,7 +282,6 @@ def _resume_on(rank, world, tmp):
     assert relative(full_parameters(net), expected) <= 1e-12
 
 
-@pytest.mark.slow
 def test_dcp_resume_on_another_number_of_ranks(tmp_path):
     """FSDP2: saved by 2 ranks, resumed by 3 (other owners, other shards): the same steps to
     1e-12 (the statistics' sums run in another order, so not bit-identical)."""
@@ -319,3 +332,44 @@ def test_a_fresh_state_dict_is_a_complete_template():
     opt.load_state_dict(template)
     assert not any("momentum_buffer" in opt.state[p] for p in net.parameters())
     run(net, opt, data("conv", 1)[:1], mc=True)  # and trains
+
+
+def _hsdp(rank, world, tmp):
+    """HSDP: a (replicate 2 × shard 2) mesh takes DDP's steps on the same 4 ranks, the
+    statistics averaged over the whole mesh and the curvature split over all 4 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    tekfac.fisher.sample_targets = argmax_labels
+    _init(rank, world, tmp)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    local = [(x[shard], y[shard]) for x, y in data("conv", world)]
+    for method in ("kfac", "tekfac"):
+        ddp_net, ddp, ddp_opt = build("conv", method, "mc", "ddp")
+        run(ddp, ddp_opt, local, mc=True)
+        net = conv_net()
+        for module in net:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        assert len(net[0].weight.placements) == 2  # (Replicate(), Shard(0))
+        opt = tekfac.KroneckerOptimizer(net, method, params=groups(net), fisher="mc", **FAST)
+        run(net, opt, local, mc=True)
+        assert relative(full_parameters(net), full_parameters(ddp_net)) <= 1e-12, method
+        owners = set(opt.preconditioner.work.owners.values())
+        assert owners == {0, 1, 2}, owners  # 3 layers over the 4 ranks of the mesh
+
+
+def test_hsdp_on_a_2x2_mesh(tmp_path):
+    launch(_hsdp, 4, tmp_path)
+
+
+def test_the_fsdp2_example_runs_under_torchrun(tmp_path):
+    """``examples/fsdp2_digits.py`` as the README gives it: 2 ranks, a DCP resume halfway."""
+    script = Path(__file__).parent.parent / "examples" / "fsdp2_digits.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+         "--steps", "6", "--checkpoint", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(v) for v in done.stdout.split("losses:")[1].split()]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
