@@ -71,8 +71,8 @@ class Preconditioner:
                        "a torch.amp.GradScaler or None", optional=True)
         check_instance("seed", seed, int, "an int or None", optional=True)
         self.model = unwrap(model)
-        check_sharding(self.model)
         self.layers, self.untracked = plan_layers(self.model, exclude, c.max_factor_dim)
+        check_sharding(self.model)
         for layer in self.layers:
             layer.rank = c.basis_rank
         self._by_module = {layer.module: layer for layer in self.layers}
