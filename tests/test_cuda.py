@@ -38,3 +38,30 @@ def test_cuda_training_matches_cpu(method, kind, fisher, argmax_sampler):
     assert bool(argmax_sampler) == (fisher == "mc")
     layers = opts[1].preconditioner.state_dict()["layers"]
     assert all(t.device.type == "cuda" for state in layers.values() for t in state.values())
+
+
+def _fsdp2_on_one_gpu(rank, world, tmp):
+    """FSDP2 over NCCL on one GPU (world 1; shards of one): the steps of the plain model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("nccl", init_method=f"file://{tmp}/pg", rank=rank,
+                            world_size=world)
+    torch.cuda.set_device(rank)
+    net, shape = tiny_net("cnn")
+    twin = copy.deepcopy(net).cuda()
+    net = net.cuda()
+    for module in net:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(module)
+    fully_shard(net)
+    batches = [(x.cuda(), y.cuda()) for x, y in (batch(shape, n=32) for _ in range(4))]
+    opts = [tekfac.TEKFAC(m, fisher="empirical", **FAST) for m in (net, twin)]
+    train(net, opts[0], batches, mc=False)
+    train(twin, opts[1], batches, mc=False)
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.full_tensor(), q, rtol=1e-9, atol=1e-12)
+
+
+def test_fsdp2_over_nccl(tmp_path):
+    from tests.test_distributed import launch
+    launch(_fsdp2_on_one_gpu, 1, tmp_path)
