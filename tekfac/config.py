@@ -36,6 +36,15 @@ def method_name(factors: str, scaling: str) -> str:
     return names[0] if names else "another method"
 
 
+def saved_int(state_dict: dict, key: str) -> int:
+    """A checkpoint's ``state_dict[key]`` as an int; ``ValueError`` naming the key if it is
+    missing or not one."""
+    try:
+        return int(state_dict[key])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"Invalid state_dict: its {key!r} is not an integer ({e!r})") from e
+
+
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
     """``ValueError`` unless ``value`` is one of ``allowed``."""
     allowed = tuple(allowed)
@@ -151,6 +160,11 @@ class CurvatureConfig:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"Invalid factor_dtype: {self.factor_dtype!r}; expected a floating "
                             "torch.dtype such as torch.float32, or None")
+
+    @property
+    def method(self) -> str:
+        """The name of the method of these kinds (``"TEKFAC"``)."""
+        return method_name(self.factors, self.scaling)
 
     def check_same_method(self, factors: str | None, scaling: str | None) -> None:
         """``ValueError`` unless the factor and scaling kinds of a checkpoint (``None``: not

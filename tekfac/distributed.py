@@ -4,23 +4,25 @@ Everything goes through one :class:`Communicator`. Without an initialised proces
 with one rank) it is a no-op: averages return their input and every eigendecomposition is
 local. With several ranks (gloo on CPU, NCCL on GPU):
 
-* :meth:`Communicator.weighted_mean_async` all-reduces the statistics of every layer,
-  weighted by each rank's number of examples, so that every rank holds the statistics of the
-  global batch. Tensors are packed into buckets of at most :data:`BUCKET_ELEMENTS` elements,
-  and each bucket's all-reduce is launched asynchronously as soon as it is packed; the
-  returned :class:`PendingMean` awaits them all. The preconditioner launches the reduction of
-  the MC statistics right after the sampled backward and waits for it in ``step()``, so it
-  overlaps the user's backward pass (and DDP's gradient all-reduce).
+* :meth:`Communicator.weighted_mean_async` averages the statistics of every layer over the
+  ranks, weighted by each rank's number of examples, so that every rank (all-reduce) or the
+  layer's owner (reduce) holds the statistics of the global batch. Tensors are packed into
+  buckets of at most :data:`BUCKET_ELEMENTS` elements, and each bucket's reduction is
+  launched asynchronously as soon as it is packed; the returned :class:`PendingMean` awaits
+  them all. The preconditioner launches the reduction of the MC statistics right after the
+  sampled backward and waits for it in ``step()``, so it overlaps the user's backward pass
+  (and DDP's gradient all-reduce).
 * :meth:`Communicator.assign` splits work greedily by cost, largest first (each item goes to
   the rank with the least work so far), and :meth:`Communicator.share` broadcasts each owner's
   results to every rank, one packed broadcast per owner.
 * :class:`WorkSplit` is the one place that decides which rank does what for the
   preconditioner: the owner of each eigendecomposition (by the cost model :func:`eigh_cost`)
-  or, in 'owner' mode, of each layer's basis; zero padding for layers a rank has no examples
-  of; the reductions launched per micro-batch and their combination; and the broadcasts of
-  owned results (directions, bases).
+  or, in 'owner' mode, of each layer's whole curvature; zero padding for layers a rank has no
+  examples of; the reductions launched per micro-batch and their combination; and the
+  broadcasts of owned results (directions, bases, checkpoint state).
 
-A failed collective (another rank crashed or left) raises a ``RuntimeError`` that says so.
+A failed collective raises a ``RuntimeError`` with its cause: that another rank probably
+crashed or left when the error says a peer is gone, else the error itself.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tekfac.state import state_shapes
 from tekfac.truncation import grid_length
 
 if TYPE_CHECKING:
+    from tekfac.guards import Faults
     from tekfac.layers import KroneckerLayer
     from tekfac.state import LayerState
 
@@ -93,7 +96,8 @@ class Communicator:
                                   group=self.group, async_op=True)
             works.append((bucket, packed, work))
         return PendingMean(self, [([t.shape for t in tensors], 0.0) for tensors, _ in items],
-                           works, [t.numel() for t in flat])
+                           works, [t.numel() for t in flat],
+                           received=dst is None or dst == self.rank)
 
     def sum(self, tensor: Tensor) -> Tensor:
         """The element-wise sum of ``tensor`` over the ranks (itself without a group)."""
@@ -137,7 +141,8 @@ class Communicator:
             if not items:
                 continue
             parts = results if owner == self.rank else templates
-            packed = torch.cat([t.reshape(-1) for i in items for t in parts[i]])
+            packed = torch.cat([t.reshape(-1).to(template.dtype) for i in items
+                                for t, template in zip(parts[i], templates[i])])
             if owner == self.rank:
                 self.bytes_sent += packed.numel() * packed.element_size()
             self._call(dist.broadcast, packed, src=self.global_rank(owner), group=self.group)
@@ -150,6 +155,14 @@ class Communicator:
                         pos += t.numel()
                     results[i] = unpacked
         return results  # type: ignore[return-value]
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a group."""
+        if not self.active:
+            return [obj]
+        gathered: list[object] = [None] * self.size
+        self._call(dist.all_gather_object, gathered, obj, group=self.group)
+        return gathered
 
     def global_rank(self, rank: int) -> int:
         """The global rank of ``rank`` of this group."""
@@ -182,11 +195,14 @@ class PendingMean:
     """The result of :meth:`Communicator.weighted_mean_async`, possibly still in flight."""
 
     def __init__(self, comm: Communicator, items: list[tuple[list, float]],
-                 works: list | None = None, sizes: list[int] | None = None):
+                 works: list | None = None, sizes: list[int] | None = None,
+                 received: bool = True):
         self._comm, self._items, self._works, self._sizes = comm, items, works, sizes
+        self._received = received
 
     def wait(self) -> list[tuple[list[Tensor], float]]:
-        """Block until the reduction is done; ``[(means, total weight)]`` per item."""
+        """Block until the reduction is done; ``[(means, total weight)]`` per item, or ``[]``
+        on a rank that a reduce onto another does not give the result."""
         if self._works is None:
             return self._items
         flat: list[Tensor] = [None] * len(self._sizes)  # type: ignore[list-item]
@@ -194,6 +210,9 @@ class PendingMean:
         for _, _, work in self._works:
             self._comm._call(work.wait)
         self._comm.wait_s += time.perf_counter() - start
+        if not self._received:
+            self._items, self._works = [], None
+            return []
         for bucket, packed, _ in self._works:
             pos = 0
             for i in bucket:
@@ -297,8 +316,8 @@ class WorkSplit:
         those of ``compute()`` now."""
         if not self._in_flight.get(kind):
             self.launch(kind, compute())
-        parts = [{la: mean for la, mean in zip(layers, pending.wait()) if self.mine(la)}
-                 for layers, pending in self._in_flight[kind]]
+        parts = [dict(zip(layers, pending.wait()))
+                 for layers, pending in self._in_flight.setdefault(kind, [])]
         self._in_flight[kind].clear()
         got = {la: [part[la] for part in parts if la in part] for la in self.layers}
         return {la: weighted_mean(items) for la, items in got.items() if items}
@@ -406,7 +425,16 @@ class WorkSplit:
         templates = self._templates(layer, keys)
         values = [getattr(state, k) for k in keys]
         templates[0].copy_(torch.tensor([v is not None for v in values] + [state.has_basis]))
-        return templates[:1] + [t if v is None else v for v, t in zip(values, templates[1:])]
+        return templates[:1] + [t if v is None else v.to(t.dtype)
+                                for v, t in zip(values, templates[1:])]
+
+    def faults(self, faults: Faults) -> str:
+        """The checkpoint form of ``faults`` (:meth:`Faults.state_dict`), with owners merged
+        with every other rank's: only a layer's owner sees its statistics, and so its faults.
+        A collective where layers have owners."""
+        if self.owners is None:
+            return faults.state_dict()
+        return faults.merge(self.comm.gather_objects(faults.state_dict()))
 
     def drop_unkept(self, layer: KroneckerLayer, state: LayerState) -> None:
         """Forget what this rank does not keep of ``layer``'s ``state`` (a checkpoint's)."""

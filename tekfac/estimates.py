@@ -37,7 +37,7 @@ class Estimates:
 
     Attributes:
         states: layer → its state. Where the work split gives a layer an owner, the other
-            ranks keep what the split says they need of it (:meth:`WorkSplit.keeps`).
+            ranks keep nothing of it (an empty state, :meth:`WorkSplit.drop_unkept`).
         eigendecompositions: how many this rank has computed (its share of the work split).
     """
 

@@ -69,10 +69,29 @@ class Faults:
                            for (place, cause), record in self.records.items()])
 
     def load_state_dict(self, entries: str | Sequence[dict]) -> None:
-        """Restore :meth:`state_dict` (or the list that formats 1 and 2 saved)."""
-        entries = json.loads(entries) if isinstance(entries, str) else entries
-        self.records = {(e["place"], e["cause"]): {"first_step": int(e["first_step"]),
-                                                   "count": int(e["count"])} for e in entries}
+        """Restore :meth:`state_dict` (or the list that formats 1 and 2 saved); ``ValueError``
+        if it cannot be read, the records unchanged."""
+        try:
+            entries = json.loads(entries) if isinstance(entries, str) else entries
+            records = {(e["place"], e["cause"]): {"first_step": int(e["first_step"]),
+                                                  "count": int(e["count"])} for e in entries}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"Invalid state_dict: its faults cannot be read ({e!r})") from e
+        self.records = records
+
+    def merge(self, others: Sequence[str]) -> str:
+        """:meth:`state_dict` of these records and those of ``others`` (other ranks'
+        :meth:`state_dict`), a fault seen on several counted from its first step on any
+        with its largest count."""
+        merged = {key: dict(record) for key, record in self.records.items()}
+        for entries in others:
+            for e in json.loads(entries):
+                record = merged.setdefault((e["place"], e["cause"]), dict(
+                    first_step=e["first_step"], count=e["count"]))
+                record["first_step"] = min(record["first_step"], e["first_step"])
+                record["count"] = max(record["count"], e["count"])
+        return json.dumps([{"place": place, "cause": cause, **record}
+                           for (place, cause), record in merged.items()])
 
 
 def step_fault(bad_outputs: Tensor | None, grads: Sequence[Tensor],

@@ -602,9 +602,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         ids = [i for group in state["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p, group in zip(ids, params, self._group_of_each()):
-            entry = state["state"].setdefault(i, {})
+            entry = dict(state["state"].get(i, {}))  # a copy: the live state stays as it is
             if group["momentum"] and "momentum_buffer" not in entry:
                 entry["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["state"][i] = entry
         tekfac = {_FORMAT_KEY: FORMAT, _CURVATURE_KEY: self.preconditioner.state_dict()}
         if self.damping_adaptation is not None:
             tekfac[_DAMPING_KEY] = self.damping
@@ -688,7 +689,7 @@ def _split_tekfac_state(state_dict: dict) -> tuple[dict, dict]:
             raise ValueError(f"Invalid state_dict: its 'state' has key {key!r}, which names no "
                              f"parameter of its param_groups (ids {sorted(ids, key=str)})")
         buffer = entry.get("momentum_buffer")
-        if buffer is not None and not bool(full(buffer.abs().sum()) > 0):  # all ranks' shards
+        if buffer is not None and not bool(full((buffer != 0).sum()) > 0):  # all ranks' shards
             entry = {k: v for k, v in entry.items() if k != "momentum_buffer"}
         state[key] = entry
     state_dict.update(state=state, param_groups=groups)

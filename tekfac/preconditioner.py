@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tekfac.capture import Capture
-from tekfac.config import CurvatureConfig, check_choice, check_instance, method_name
+from tekfac.config import CurvatureConfig, check_choice, check_instance, saved_int
 from tekfac.curvature import Curvature
 from tekfac.distributed import Communicator, WorkSplit
 from tekfac.estimates import Estimates
@@ -90,9 +90,8 @@ class Preconditioner:
                                    self.warn_once)
         self.capture = Capture(self.model, self.layers, keep_edges=self.fisher.samples)
         self.schedule = Schedule(c, self.scaling_kind.refits)
-        self.steps = 0
-        #: (place, cause) → the step it first occurred at and how often (checkpointed)
-        self.faults = Faults()
+        #: the step counter, and faults: (place, cause) → its first step and count (checkpointed)
+        self.steps, self.faults = 0, Faults()
         self.loss = StepLoss(c.loss)
         #: while on, :meth:`backward` does nothing: the optimizer is evaluating the loss after
         #: its step (adaptive damping), under ``torch.no_grad``
@@ -193,13 +192,11 @@ class Preconditioner:
         """A table of the model's modules that have parameters of their own: which get a
         Kronecker block (and its shape) and which are left to the first-order step, and why
         (see :func:`tekfac.layers.describe_layers`)."""
-        method = method_name(self.config.factors, self.config.scaling)
-        return describe_layers(self.model, self.layers, self.untracked, method)
+        return describe_layers(self.model, self.layers, self.untracked, self.config.method)
 
     def __repr__(self) -> str:
-        c = self.config
         params = sum(la.num_params for la in self.layers)
-        return (f"Preconditioner({method_name(c.factors, c.scaling)}, "
+        return (f"Preconditioner({self.config.method}, "
                 f"{len(self.layers)} Kronecker layers ({params} parameters), "
                 f"{len(self.untracked)} first-order modules; see describe())")
 
@@ -275,7 +272,7 @@ class Preconditioner:
         The MC sampler is a function of (seed, step), so no RNG state is needed."""
         gather = not self.sharded if gather is None else gather
         return {"steps": self.steps, "seed": self.fisher.seed, "factors": self.config.factors,
-                "scaling": self.config.scaling, "faults": self.faults.state_dict(),
+                "scaling": self.config.scaling, "faults": self.work.faults(self.faults),
                 "layers": self.estimates.state_dict(gather)}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -287,9 +284,11 @@ class Preconditioner:
         if not isinstance(saved, dict):
             raise ValueError("Invalid state_dict: no 'layers' entry; was it saved by tekfac?")
         self.config.check_same_method(state_dict.get("factors"), state_dict.get("scaling"))
+        faults = Faults()  # everything is read before anything changes
+        faults.load_state_dict(state_dict.get("faults", []))
+        steps, seed = saved_int(state_dict, "steps"), saved_int(state_dict, "seed")
         self.estimates.load_state_dict(saved)
-        self.steps, self.fisher.seed = int(state_dict["steps"]), int(state_dict["seed"])
-        self.faults.load_state_dict(state_dict.get("faults", []))
+        self.steps, self.fisher.seed, self.faults = steps, seed, faults
         self._clear()
         self.capture.recording = self.statistics_due
 
@@ -297,3 +296,4 @@ class Preconditioner:
         """Detach from the model (no more statistics are recorded)."""
         self.capture.remove()
         self._clear()
+

@@ -74,9 +74,11 @@ def check_sharding(model: nn.Module) -> None:
         shards = [pl for pl in p.placements if pl.is_shard()]
         if id(p) not in managed or len(shards) > 1 or any(
                 isinstance(pl, Partial) for pl in p.placements):
+            where = ("outside fully_shard" if id(p) not in managed
+                     else "sharded on several mesh dimensions or with a pending reduction")
             raise ValueError(
-                f"Invalid parameter {name!r}: a DTensor with placements {p.placements} "
-                f"{'outside fully_shard' if id(p) not in managed else ''}. tekfac supports "
-                "FSDP2's fully_shard (a 1-D mesh, or HSDP's replicate × shard mesh); tensor "
-                "parallelism shards the layers' activations, which its statistics need "
-                "whole, and is not supported")
+                f"Invalid parameter {name!r}: a DTensor with placements {p.placements}, "
+                f"{where}. tekfac supports FSDP2's fully_shard alone (a 1-D mesh, or HSDP's "
+                "replicate × shard mesh); tensor parallelism shards the layers' activations, "
+                "which its statistics need whole, and is not supported: apply fully_shard "
+                "without parallelize_module")

@@ -119,7 +119,7 @@ class LayerState:
             raise ValueError(f"state_dict layer {layer.name!r} has unknown keys {unknown} (a "
                              "basis saved for a side that is diagonal here?)")
         if flags is not None:
-            if list(entry) != list(shapes):
+            if set(entry) != set(shapes) or len(flags) != len(shapes):
                 raise ValueError(
                     f"state_dict does not match layer {layer.name!r}: it lacks "
                     f"{sorted(set(shapes) - set(entry))} (a side saved diagonal that is dense "

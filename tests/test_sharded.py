@@ -329,6 +329,7 @@ def test_a_fresh_state_dict_is_a_complete_template():
     net = conv_net()
     opt = tekfac.KroneckerOptimizer(net, "tekfac", params=groups(net), **FAST)
     template = opt.state_dict()
+    assert not any(opt.state.values())  # taking it added nothing to the live state
     assert len(template["state"]) == len(list(net.parameters()))
     assert all(not e["momentum_buffer"].any() for e in template["state"].values())
     layers = curvature_of(template)["layers"]
@@ -400,3 +401,22 @@ def _bad_batch_on_one_rank(rank, world, tmp):
 
 def test_a_bad_batch_on_one_rank_is_skipped_by_every_rank_under_fsdp2(tmp_path):
     launch(_bad_batch_on_one_rank, 2, tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("faults", "not json", "faults cannot be read"), ("steps", None, "'steps' is not an integer")])
+def test_an_unreadable_checkpoint_changes_nothing(key, value, match):
+    """Every part of the curvature is read before any is installed."""
+    _, opt = _trained()
+    saved = copy.deepcopy(opt.state_dict())
+    other_net, other = _trained("tekfac")
+    run(other_net, other, data("conv", 1)[3:], mc=True)
+    before = copy.deepcopy(other.state_dict())
+    curvature_of(saved)[key] = value
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(saved)
+    after = other.state_dict()
+    assert curvature_of(after)["steps"] == curvature_of(before)["steps"] == STEPS
+    for name, entry in curvature_of(before)["layers"].items():
+        assert all(torch.equal(v, curvature_of(after)["layers"][name][k])
+                   for k, v in entry.items())
