@@ -420,3 +420,30 @@ def test_an_unreadable_checkpoint_changes_nothing(key, value, match):
     for name, entry in curvature_of(before)["layers"].items():
         assert all(torch.equal(v, curvature_of(after)["layers"][name][k])
                    for k, v in entry.items())
+
+
+def _preconditioner_with_torch_sgd(rank, world, tmp):
+    """The Preconditioner alone under FSDP2, with torch.optim.SGD taking the step (the
+    README's "any torch optimizer"): DDP's steps."""
+    _init(rank, world, tmp)
+    shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    local = [(x[shard], y[shard]) for x, y in data("conv", world)]
+    ends = []
+    for wrap in ("ddp", "fsdp"):
+        net = conv_net()
+        model = nn.parallel.DistributedDataParallel(net) if wrap == "ddp" else net
+        if wrap == "fsdp":
+            fully_shard(net)
+        pre = tekfac.Preconditioner(model, "tekfac", fisher="empirical", **FAST)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for x, y in local:
+            sgd.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            assert pre.step()
+            sgd.step()
+        ends.append(full_parameters(net))
+    assert relative(ends[1], ends[0]) <= 1e-12
+
+
+def test_the_preconditioner_alone_steps_a_sharded_model(tmp_path):
+    launch(_preconditioner_with_torch_sgd, 2, tmp_path)
