@@ -1,8 +1,8 @@
 """A small CNN on scikit-learn's digits, sharded by FSDP2, trained by TEKFAC, checkpointed with
 ``torch.distributed.checkpoint`` halfway and resumed in a fresh model and optimizer.
 
-    torchrun --nproc-per-node 2 examples/fsdp2_digits.py --steps 20
-    torchrun --nproc-per-node 4 examples/fsdp2_digits.py --hsdp   # a 2 x 2 mesh
+    torchrun --standalone --nproc-per-node 2 examples/fsdp2_digits.py --steps 20
+    torchrun --standalone --nproc-per-node 4 examples/fsdp2_digits.py --hsdp   # a 2 x 2 mesh
 
 Build the optimizer after ``fully_shard``: it then keeps each layer's curvature on one rank
 (``distributed_mode="auto"``), and its state dict holds each rank's layers, which DCP saves

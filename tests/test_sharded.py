@@ -372,8 +372,8 @@ def test_the_fsdp2_example_runs_under_torchrun(tmp_path):
     """``examples/fsdp2_digits.py`` as the README gives it: 2 ranks, a DCP resume halfway."""
     script = Path(__file__).parent.parent / "examples" / "fsdp2_digits.py"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-         "--steps", "6", "--checkpoint", str(tmp_path / "ckpt")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), "--steps", "6", "--checkpoint", str(tmp_path / "ckpt")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(v) for v in done.stdout.split("losses:")[1].split()]
