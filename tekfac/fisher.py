@@ -181,6 +181,7 @@ class StepLoss:
         self.loss = loss
         self._calls: list[tuple[int | Tensor, int]] = []
         self._step = -1
+        self._total: tuple[float, int] | None = None  # the calls' sums, once read
         #: a 0-dim bool tensor: a loss or outputs of this step held NaN or Inf (None: no call)
         self.bad: Tensor | None = None
 
@@ -190,12 +191,13 @@ class StepLoss:
         if self._step != step:
             self._calls, self._step = [], step
         self._calls.append((num_terms(self.loss, outputs.shape, mask), examples))
+        self._total = None
         bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(outputs.detach()).all())
         self.bad = bad if self.bad is None else self.bad | bad
 
     def clear(self) -> None:
         """Forget the current step's calls (a skipped step)."""
-        self._calls, self.bad = [], None
+        self._calls, self.bad, self._total = [], None, None
 
     def multiplier(self, step: int, fisher: FisherKind, capture: Capture) -> float:
         """``c`` of step ``step`` (or of the step before it, which ``step`` follows once the
@@ -207,7 +209,10 @@ class StepLoss:
             raise RuntimeError("The curvature of the loss needs a forward pass of the model "
                                "first")
         if self._calls and self._step >= step - 1:
-            terms, examples = sum(t for t, _ in self._calls), sum(n for _, n in self._calls)
+            if self._total is None:  # one host synchronisation a step, however often read
+                self._total = (float(sum(t for t, _ in self._calls)),
+                               sum(n for _, n in self._calls))
+            terms, examples = self._total
         else:
             shape = torch.Size((capture.examples, capture.width, capture.positions))
             terms, examples = num_terms(self.loss, shape, None), capture.examples
