@@ -178,7 +178,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             if not params:
                 raise ValueError("Invalid model: it has no trainable parameters")
         try:
-            _check_sharding(self.preconditioner.sharded, quadratic, self.damping_adaptation)
+            _check_sharded_options(self.preconditioner.sharded, quadratic, self.damping_adaptation)
             super().__init__(params, {**defaults, "kl_clip": kl_clip})
             self._check_every_parameter_grouped()
             self._add_state_entries()
@@ -730,7 +730,7 @@ def _adaptation(option: object, grad_scaler: object) -> DampingAdaptation | None
     return adaptation
 
 
-def _check_sharding(sharded: Sequence[str], quadratic: bool,
+def _check_sharded_options(sharded: Sequence[str], quadratic: bool,
                     adaptation: DampingAdaptation | None) -> None:
     """``ValueError`` for the options that need the whole parameter vector on every rank at
     once (the quadratic rule's Jacobian products, adaptive damping's second evaluation),
