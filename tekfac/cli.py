@@ -60,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--resume", action="store_true",
                            help="continue the run in --out: keep its finished (task, optimizer, "
                            "seed) runs and train the others (the settings must be the same)")
-    bench_cmd.add_argument("--tuned", type=Path, default=None, metavar="DIR",
+    bench_cmd.add_argument("--tuned", type=Path, nargs="+", default=None, metavar="DIR",
                            help="read each task's hyper-parameters from DIR/<task>.json (as "
-                           "written by tekfac tune --out) instead of tekfac/bench/tuned/")
+                           "written by tekfac tune --out) instead of tekfac/bench/tuned/; with "
+                           "several folders a later one's values replace an earlier one's for "
+                           "the optimizers it has")
+    bench_cmd.add_argument("--reuse", type=Path, default=None, metavar="DIR",
+                           help="take the finished runs of the campaign in DIR whose task "
+                           "settings and hyper-parameters are this campaign's, instead of "
+                           "training them again (their wall times are DIR's machine and day)")
     bench_cmd.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     bench_cmd.add_argument("--step-rule", choices=["fixed", "quadratic"], default="fixed",
                            help="quadratic: the Kronecker methods take the quadratic-model step "
@@ -120,6 +126,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.tuned is not None:
             _check_tuned(parser, args.tuned, args.tasks or PRESETS[args.preset]["tasks"],
                          optimizers)
+        if args.reuse is not None and not (args.reuse / "config.json").is_file():
+            parser.error(f"--reuse {str(args.reuse)!r} holds no campaign (no config.json from "
+                         "tekfac bench --out)")
         out = args.out
         if args.resume and (out is None or not (out / "runs.jsonl").is_file()):
             parser.error(f"--resume needs --out with the runs.jsonl of an earlier run; "
@@ -132,14 +141,24 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                          f"{args.nproc}")
 
 
-def _check_tuned(parser: argparse.ArgumentParser, folder: Path, tasks: list[str],
+def _check_tuned(parser: argparse.ArgumentParser, folders: list[Path], tasks: list[str],
                  optimizers: list[str]) -> None:
-    """``--tuned DIR`` must hold ``<task>.json`` with values for every optimizer asked for."""
+    """Every ``--tuned DIR`` must hold ``<task>.json``; with one folder its file must have
+    values for every optimizer asked for, with several their files together."""
     for task in tasks:
         try:
-            tune.read_tuning_file(tune.tuning_path(task, folder), optimizers)
+            if len(folders) == 1:
+                tune.read_tuning_file(tune.tuning_path(task, folders[0]), optimizers)
+                continue
+            covered = set().union(*(tune.read_tuning_file(tune.tuning_path(task, folder))
+                                    for folder in folders))
         except tune.TuningFileError as e:
             parser.error(str(e))
+        missing = [o for o in optimizers if o not in covered]
+        if missing:
+            parser.error(f"the --tuned folders have no values for {', '.join(missing)} on "
+                         f"{task}; tune them (tekfac tune --optimizers ...) or leave them out "
+                         "with --optimizers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     preset=args.preset, tasks=args.tasks, optimizers=args.optimizers,
                     seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                     train_size=args.train_size, data_dir=args.data_dir, device=args.device,
-                    out=args.out, resume=args.resume, tuned=args.tuned, quiet=args.quiet,
+                    out=args.out, resume=args.resume, tuned=args.tuned or (),
+                    reuse=args.reuse, quiet=args.quiet,
                     command=command, evals_per_epoch=args.evals_per_epoch,
                     step_rule=args.step_rule)
             else:

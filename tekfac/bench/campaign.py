@@ -11,7 +11,9 @@ set minus the validation split (the data the trials trained on, see
 :func:`tekfac.bench.tune.tuning_split`) and are evaluated on the test set.
 
 A campaign can be resumed in the same folder with the same settings: its finished runs are
-kept and only the others are trained. Inside a process group every rank trains every run
+kept and only the others are trained. ``reuse`` takes another campaign's finished runs that
+this one would train alike (:func:`_reused`), so that a retune of some optimizers reruns only
+theirs. Inside a process group every rank trains every run
 (the runner splits each minibatch) and rank 0 alone records and reports.
 """
 
@@ -62,7 +64,7 @@ PRESETS: dict[str, dict] = {
 def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | None,
                seeds: int | None, epochs: int | None, batch_size: int, train_size: int | None,
                data_dir: str | None, device: str, out: Path | None, resume: bool,
-               tuned: Path | None, quiet: bool, command: str,
+               tuned: Sequence[Path], quiet: bool, command: str, reuse: Path | None = None,
                evals_per_epoch: int = 4, step_rule: str = "fixed") -> None:
     """``tekfac bench``: run a campaign and write its outputs.
 
@@ -80,9 +82,13 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
         device: Torch device of the runs.
         out: Output folder (None: ``results/<timestamp>``).
         resume: Keep the finished runs in ``out`` and train the others.
-        tuned: Folder of the tuning files (None: the shipped ``tekfac/bench/tuned/``).
+        tuned: Folders of the tuning files, a later one's values replacing an earlier one's
+            (:func:`~tekfac.bench.tune.load_hparams`; empty: the shipped
+            ``tekfac/bench/tuned/``).
         quiet: Plain log lines instead of progress bars.
         command: The command line, recorded in ``config.json``.
+        reuse: Folder of an earlier campaign whose finished runs with this campaign's task
+            settings and hyper-parameters are taken instead of trained (:func:`_reused`).
         evals_per_epoch: Test-set evaluations per epoch (time to target's resolution).
         step_rule: ``"quadratic"``: the Kronecker methods take the quadratic-model step with
             :data:`~tekfac.bench.optimizers.QUADRATIC_HPARAMS`, whatever the tuning files say
@@ -119,6 +125,8 @@ def main_bench(*, preset: str, tasks: list[str] | None, optimizers: list[str] | 
                                threads=torch.get_num_threads(),
                                flush_denormal=flushes_denormals(device)))
     records = _resumed(out, settings, config) if resume and rank == 0 else []
+    if reuse is not None and rank == 0:
+        records += _reused(reuse, settings, config, records)
     done = {(r["task"], r["optimizer"], r["seed"]) for r in records}
     if dist.is_initialized():  # every rank skips the same runs
         shared = [sorted(done)]
@@ -173,10 +181,41 @@ def _resumed(out: Path, settings: dict, config: dict) -> list[dict]:
         raise SystemExit(f"tekfac: cannot resume {out}: {', '.join(changed)} differ from the "
                          "earlier run's config.json; rerun with its settings or use a new --out")
     config["resumed_by"] = [*earlier.get("resumed_by", []), config["command"]]
+    config["reused"] = earlier.get("reused", [])
     config["command"] = earlier["command"]
     records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
                if line.strip()]
     return finished_records(records)
+
+
+def _reused(folder: Path, settings: dict, config: dict, kept: list[dict]) -> list[dict]:
+    """The records of the finished runs of the campaign in ``folder`` that this one would
+    train alike, and that ``kept`` lacks: a task, optimizer and seed of this campaign, the same
+    device, processes, batch size and evaluations per epoch, the task's same epochs, training
+    size and warm-up, and the optimizer's same hyper-parameter values. Appends the runs taken
+    to ``config["reused"]`` and prints how many."""
+    earlier = json.loads((folder / "config.json").read_text())
+    path = folder / "runs.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    now = json.loads(json.dumps(settings))  # the JSON form earlier's values were read in
+
+    def alike(task: str, optimizer: str) -> bool:
+        same = all(earlier.get(k) == config[k] for k in ("device", "processes")) and all(
+            earlier.get(k) == now[k] for k in ("batch_size", "evals_per_epoch"))
+        return same and all(earlier.get(k, {}).get(task) == now[k][task]
+                            for k in ("epochs", "train_size", "warmup_fraction")) and (
+            earlier["hparams"].get(task, {}).get("values", {}).get(optimizer)
+            == now["hparams"][task]["values"].get(optimizer))
+
+    have = {(r["task"], r["optimizer"], r["seed"]) for r in kept}
+    records = [r for r in finished_records([json.loads(line) for line in lines if line.strip()])
+               if r["task"] in now["tasks"] and r["optimizer"] in now["optimizers"]
+               and r["seed"] in now["seeds"] and (r["task"], r["optimizer"], r["seed"]) not in have
+               and alike(r["task"], r["optimizer"])]
+    runs = sorted({(r["task"], r["optimizer"], r["seed"]) for r in records})
+    config.setdefault("reused", []).append(dict(folder=str(folder), runs=[list(k) for k in runs]))
+    print(f"tekfac bench: reusing {len(runs)} finished runs of {folder}", flush=True)
+    return records
 
 
 def _run_task(task: Task, data: Dataset, hparams: dict[str, dict[str, float]],

@@ -25,7 +25,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,24 +120,40 @@ def in_loss_units(chosen: dict[str, dict[str, float]], loss_terms: int
                    if name in SECOND_ORDER else values) for name, values in chosen.items()}
 
 
-def load_hparams(task: str, folder: Path = TUNED_DIR) -> tuple[dict[str, dict[str, float]], str]:
-    """The tuned hyper-parameters of ``task`` from ``folder/<task>.json`` and their source
-    (the file; its name only for the shipped folder), or the defaults if there is no file.
-    In the shipped folder an optimizer the file has no values for (one added after it was
-    tuned) takes its defaults, and the source names it; a ``--tuned`` folder's file is taken
-    as it is (the command checks that it covers the optimizers asked for).
+def load_hparams(task: str, folders: Path | Sequence[Path] = TUNED_DIR
+                 ) -> tuple[dict[str, dict[str, float]], str]:
+    """The tuned hyper-parameters of ``task`` and their source, from ``folder/<task>.json`` of
+    each of ``folders`` in turn: a later folder's values replace an earlier one's for the
+    optimizers it has (so a retune of some optimizers can be laid over a whole campaign's
+    file), and a folder without the file adds nothing. The source is the file (its name only
+    for the shipped folder), or each file with the optimizers it gave; without any file the
+    values are the defaults. In the shipped folder an optimizer the file has no values for
+    (one added after it was tuned) takes its defaults, and the source names it; a ``--tuned``
+    folder's file is taken as it is (the command checks that the files cover the optimizers
+    asked for).
 
     Raises:
-        TuningFileError: The file exists but is not a tuning file (see :func:`read_tuning_file`).
+        TuningFileError: A file exists but is not a tuning file (see :func:`read_tuning_file`).
     """
-    path = tuning_path(task, folder)
-    if not path.is_file():
+    folders = [folders] if isinstance(folders, Path) else list(folders)
+    chosen: dict[str, dict[str, float]] = {}
+    origin: dict[str, Path] = {}
+    for folder in folders:
+        path = tuning_path(task, folder)
+        if path.is_file():
+            values = read_tuning_file(path)
+            chosen.update(values)
+            origin.update(dict.fromkeys(values, path))
+    if not chosen:
         return DEFAULT_HPARAMS, "defaults (no tuning file)"
-    chosen = read_tuning_file(path)
-    if folder != TUNED_DIR:
-        return chosen, str(path)
+    if folders != [TUNED_DIR]:
+        files = list(dict.fromkeys(origin.values()))
+        if len(files) == 1:
+            return chosen, str(files[0])
+        return chosen, "; ".join(f"{f}: {', '.join(o for o in chosen if origin[o] == f)}"
+                                 for f in files)
     untuned = sorted(set(DEFAULT_HPARAMS) - set(chosen))
-    source = path.name
+    source = origin[next(iter(chosen))].name
     if untuned:
         source += f" (defaults for {', '.join(untuned)}: not in the file)"
     return {**DEFAULT_HPARAMS, **chosen}, source

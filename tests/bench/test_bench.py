@@ -365,6 +365,55 @@ def test_cli_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path, capsys):
     assert summary[0]["seeds"] == [0, 1]
 
 
+def test_load_hparams_lays_later_folders_over_earlier_ones(tmp_path):
+    campaign, retune, empty = (tmp_path / n for n in ("campaign", "retune", "empty"))
+    for folder, chosen in ((campaign, {"sgd": {"lr": 0.1}, "kfac": {"lr": 0.2}}),
+                           (retune, {"kfac": {"lr": 0.3}}), (empty, None)):
+        folder.mkdir()
+        if chosen is not None:
+            tuning_path("digits-mlp", folder).write_text(json.dumps({"chosen": chosen}))
+    hparams, source = load_hparams("digits-mlp", [campaign, retune, empty])
+    assert hparams == {"sgd": {"lr": 0.1}, "kfac": {"lr": 0.3}}
+    assert source == (f"{tuning_path('digits-mlp', campaign)}: sgd; "
+                      f"{tuning_path('digits-mlp', retune)}: kfac")
+    assert load_hparams("digits-mlp", [retune, empty])[1] == str(tuning_path("digits-mlp", retune))
+    with pytest.raises(SystemExit):  # together they lack tekfac; each folder needs the file
+        main(["bench", "--preset", "smoke", "--optimizers", "sgd", "tekfac",
+              "--tuned", str(campaign), str(retune)])
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "smoke", "--optimizers", "sgd", "kfac",
+              "--tuned", str(campaign), str(empty)])
+
+
+def test_cli_reuse_takes_the_runs_trained_alike_and_trains_the_others(tmp_path, capsys):
+    """A campaign retuning kfac reuses the earlier campaign's sgd runs, record for record,
+    and trains kfac (its values differ) and the seed the earlier one did not run."""
+    tuned, retune, first = tmp_path / "tuned", tmp_path / "retune", tmp_path / "first"
+    for folder, chosen in ((tuned, {"sgd": {"lr": 0.05}, "kfac": {"lr": 0.01, "damping": 0.1}}),
+                           (retune, {"kfac": {"lr": 0.02, "damping": 0.1}})):
+        folder.mkdir()
+        tuning_path("digits-mlp", folder).write_text(json.dumps({"chosen": chosen}))
+    common = ["bench", "--preset", "smoke", "--epochs", "1", "--optimizers", "sgd", "kfac",
+              "--evals-per-epoch", "1", "--quiet"]
+    assert main([*common, "--tuned", str(tuned), "--out", str(first)]) == 0
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "x"), "--reuse", str(retune)])
+    assert "holds no campaign" in capsys.readouterr().err
+    again = tmp_path / "again"
+    assert main([*common, "--seeds", "2", "--tuned", str(tuned), str(retune), "--out",
+                 str(again), "--reuse", str(first)]) == 0
+    assert "reusing 1 finished runs" in capsys.readouterr().out
+    earlier = [json.loads(line) for line in (first / "runs.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (again / "runs.jsonl").read_text().splitlines()]
+    assert records[:2] == [r for r in earlier if r["optimizer"] == "sgd"]
+    assert {(r["optimizer"], r["seed"]) for r in records[2:]} == {("sgd", 1), ("kfac", 0),
+                                                                    ("kfac", 1)}
+    config = json.loads((again / "config.json").read_text())
+    assert config["reused"] == [{"folder": str(first), "runs": [["digits-mlp", "sgd", 0]]}]
+    assert {r["optimizer"] for r in json.loads((again / "summary.json").read_text())} == {
+        "sgd", "kfac"}
+
+
 def test_cli_data_parallel_run(tmp_path):
     """--nproc 2: two gloo ranks on CPU; rank 0 records the run."""
     out = tmp_path / "dp"

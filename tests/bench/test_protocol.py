@@ -337,7 +337,10 @@ def test_tune_adds_the_fixed_settings_to_every_trial_of_their_optimizer(tmp_path
     result = json.loads(out.read_text())
     assert result["fixed"] == {"sgd": {"basis_rank": 7}}
     assert result["chosen"]["sgd"]["basis_rank"] == 7
-    assert search_module.fixed("fmnist-autoencoder", "tekfac") == {"basis_rank": 128}
+    every_step = {"cov_update_freq": 1, "eigen_update_freq": 5, "scale_update_freq": 1}
+    assert search_module.fixed("fmnist-autoencoder", "tekfac") == {**every_step,
+                                                                   "basis_rank": 128}
+    assert search_module.fixed("fmnist-autoencoder", "kfac") == every_step
     assert search_module.fixed("fmnist-cnn", "tekfac") == {}
 
 
