@@ -1,10 +1,11 @@
-"""Command line: ``tekfac bench`` (the comparison) and ``tekfac tune`` (its hyper-parameters).
+"""Command line: ``tekfac bench`` (the comparison), ``tekfac tune`` (its hyper-parameters) and
+``tekfac scaling`` (steps to target against batch size).
 
-Run ``tekfac bench --help`` / ``tekfac tune --help``; ``python -m tekfac`` is the same program.
+Run ``tekfac <command> --help``; ``python -m tekfac`` is the same program.
 This module only builds the parser, checks the arguments (bad input is a usage error, exit code
 2) and dispatches: the bench campaign is :mod:`tekfac.bench.campaign`, tuning
-:mod:`tekfac.bench.tune`, and the processes they run in (``--nproc``, ``torchrun``)
-:mod:`tekfac.bench.processes`.
+:mod:`tekfac.bench.tune`, the scaling campaign :mod:`tekfac.bench.scaling`, and the processes
+they run in (``--nproc``, ``torchrun``) :mod:`tekfac.bench.processes`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tekfac.bench import campaign, processes, tune
+from tekfac.bench import campaign, processes, scaling, tune
 from tekfac.bench.campaign import PRESETS
 from tekfac.bench.data import DataError
 from tekfac.bench.optimizers import EXTRA_MODULES, OPTIMIZERS
@@ -31,22 +32,24 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=None,
                         metavar="OPT", help=f"optimizers to run ({', '.join(OPTIMIZERS)}; "
-                        "default: the preset's for bench, all for tune; soap and shampoo need "
+                        "default: the preset's for bench, all for tune, six for scaling; soap and "
+                        "shampoo need "
                         "the bench extra)")
     common.add_argument("--data-dir", help="folder with the data sets (default: $TEKFAC_DATA, "
                         "then /usr/share/datasets/fashion-mnist and, for text-gpt, "
                         "/usr/share/games/fortunes)")
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    common.add_argument("--batch-size", type=int, default=128)
-    common.add_argument("--train-size", type=int, default=None,
+    runs = argparse.ArgumentParser(add_help=False, parents=[common])
+    runs.add_argument("--batch-size", type=int, default=128)
+    runs.add_argument("--train-size", type=int, default=None,
                         help="override the task's training examples (Task.train_size): use "
                         "only the first N (for text-gpt, windows of 64 characters)")
-    common.add_argument("--epochs", type=int, default=None,
+    runs.add_argument("--epochs", type=int, default=None,
                         help="override the task's fixed budget (Task.epochs)")
-    common.add_argument("--evals-per-epoch", type=int, default=4,
+    runs.add_argument("--evals-per-epoch", type=int, default=4,
                         help="evaluations per epoch (steps-to-target resolution; untimed)")
 
-    bench_cmd = sub.add_parser("bench", parents=[common], help="compare the optimizers",
+    bench_cmd = sub.add_parser("bench", parents=[runs], help="compare the optimizers",
                                description="Train every (task, optimizer, seed) with the tuned "
                                "hyper-parameters and write runs.jsonl, summary.json, summary.md "
                                "and one plot per task.")
@@ -80,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                            "CUDA); --batch-size stays the global batch. For several machines use "
                            "torchrun (see README)")
 
-    tune_cmd = sub.add_parser("tune", parents=[common], help="tune the hyper-parameters",
+    tune_cmd = sub.add_parser("tune", parents=[runs], help="tune the hyper-parameters",
                               description="Quasi-random (scrambled Sobol) search with the same "
                               "number of trials per optimizer at the task's budget, scored by "
                               "steps to the validation target on a split of the training set.")
@@ -93,6 +96,35 @@ def _parser() -> argparse.ArgumentParser:
     tune_cmd.add_argument("--resume", action="store_true",
                           help="keep the finished trials in --out (same budget) and run the rest")
     tune_cmd.add_argument("--progress", action="store_true", help="show progress bars")
+
+    scaling_cmd = sub.add_parser(
+        "scaling", parents=[common], help="steps to target against batch size",
+        description="Retune the rate (and the Kronecker methods' damping) at every batch size, "
+        "train each chosen point with several seeds, and write the median steps to the target "
+        "against batch size (scaling.json, scaling.md, one log-log plot per task).")
+    scaling_cmd.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK",
+                             default=list(scaling.STEP_BUDGETS),
+                             help="tasks (default %(default)s; others need --steps)")
+    scaling_cmd.add_argument("--batch-sizes", type=int, nargs="+",
+                             default=list(scaling.BATCH_SIZES), metavar="B",
+                             help="batch sizes (default %(default)s)")
+    scaling_cmd.add_argument("--trials", type=int, default=scaling.TRIALS,
+                             help="trials per task, batch size and optimizer (default "
+                             "%(default)s)")
+    scaling_cmd.add_argument("--seeds", type=int, default=3,
+                             help="seeds of each chosen point (default %(default)s)")
+    scaling_cmd.add_argument("--steps", type=int, default=None,
+                             help="step budget of every task, overriding the campaign's "
+                             "(tekfac.bench.scaling.STEP_BUDGETS)")
+    scaling_cmd.add_argument("--out", type=Path, default=None,
+                             help="output folder (default results/scaling-<timestamp>)")
+    scaling_cmd.add_argument("--resume", action="store_true",
+                             help="keep the finished trials and seeds in --out (same settings) "
+                             "and run the rest")
+    scaling_cmd.add_argument("--tuned", type=Path, nargs="+", default=None, metavar="DIR",
+                             help="tuning files of the values not retuned, as for bench "
+                             "--tuned (default tekfac/bench/tuned/)")
+    scaling_cmd.add_argument("--progress", action="store_true", help="show progress bars")
     return parser
 
 
@@ -100,10 +132,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reports bad arguments with ``parser.error`` (usage message, exit code 2)."""
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir!r} is not a directory")
-    for name in ("epochs", "batch_size", "train_size", "seeds", "evals_per_epoch", "trials"):
+    for name in ("epochs", "batch_size", "train_size", "seeds", "evals_per_epoch", "trials",
+                 "steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if min(getattr(args, "batch_sizes", None) or [1]) < 1:
+        parser.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -112,6 +147,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--device cuda was asked for, but no CUDA GPU is available")
     if args.command == "bench":
         optimizers = args.optimizers or PRESETS[args.preset]["optimizers"]
+    elif args.command == "scaling":
+        optimizers = args.optimizers or list(scaling.OPTIMIZERS)
     else:
         optimizers = args.optimizers or list(OPTIMIZERS)
     for name in optimizers:
@@ -119,9 +156,18 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if module is not None and importlib.util.find_spec(module) is None:
             parser.error(f"optimizer {name} needs the package {module}: install the bench "
                          "extra (pip install -e '.[bench]') or leave it out with --optimizers")
-    if args.command == "tune" and importlib.util.find_spec("optuna") is None:
-        parser.error("tekfac tune needs optuna: install the bench extra (pip install -e "
-                     "'.[bench]')")
+    if args.command in ("tune", "scaling") and importlib.util.find_spec("optuna") is None:
+        parser.error(f"tekfac {args.command} needs optuna: install the bench extra (pip "
+                     "install -e '.[bench]')")
+    if args.command == "scaling":
+        if args.tuned is not None:
+            _check_tuned(parser, args.tuned, args.tasks, optimizers)
+        if args.resume and (args.out is None or not (args.out / "config.json").is_file()):
+            parser.error(f"--resume needs --out with the config.json of an earlier tekfac "
+                         f"scaling; {args.out} has none")
+        if not args.resume and args.out is not None and (args.out / "config.json").exists():
+            parser.error(f"--out {str(args.out)!r} already holds results; pass --resume to "
+                         "continue that run, or choose another folder")
     if args.command == "bench":
         if args.tuned is not None:
             _check_tuned(parser, args.tuned, args.tasks or PRESETS[args.preset]["tasks"],
@@ -191,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                     reuse=args.reuse, quiet=args.quiet,
                     command=command, evals_per_epoch=args.evals_per_epoch,
                     step_rule=args.step_rule)
+            elif args.command == "scaling":
+                scaling.main_scaling(
+                    tasks=args.tasks, batch_sizes=args.batch_sizes,
+                    optimizers=args.optimizers or list(scaling.OPTIMIZERS), trials=args.trials,
+                    seeds=args.seeds, steps=args.steps, data_dir=args.data_dir,
+                    device=args.device, out=args.out, resume=args.resume,
+                    tuned=args.tuned or (), quiet=not args.progress, command=command)
             else:
                 path = tune.main_tune(args.task, args.optimizers or list(OPTIMIZERS),
                                       args.epochs, args.train_size, args.batch_size,

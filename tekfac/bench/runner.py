@@ -30,7 +30,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +58,21 @@ class Split:
 def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], seed: int,
         epochs: int, batch_size: int = 128, device: str = "cpu", quiet: bool = False,
         emit: Callable[[dict], None] | None = None, *, evals_per_epoch: int = 1,
-        warmup_fraction: float = 0.0, measure_memory: bool = False) -> list[dict]:
+        warmup_fraction: float = 0.0, measure_memory: bool = False, steps: int | None = None,
+        eval_steps: Collection[int] | None = None,
+        stop_when: Callable[[dict], bool] | None = None) -> list[dict]:
     """Train ``task``'s model from scratch and return its records, one per evaluation.
 
-    The evaluation points are the untrained model (step 0) and the global steps
-    ``round(k · S / evals_per_epoch)``, ``k = 1 .. epochs · evals_per_epoch``, for ``S``
-    steps per epoch; the last one is the end of training. ``emit`` (if given) receives each
-    record as soon as it exists (for ``runs.jsonl``). ``measure_memory`` adds
+    The budget is ``epochs`` passes over the training examples, or ``steps`` steps if given
+    (passes follow one another, the last one cut short). The evaluation points are the
+    untrained model (step 0) and the global steps ``round(k · S / evals_per_epoch)``,
+    ``k = 1 .. epochs · evals_per_epoch``, for ``S`` steps per epoch, or the ``eval_steps``
+    within the budget if given; the end of training is always one. With ``stop_when`` the
+    run ends at the first evaluation whose record it returns true for (asked on rank 0, the
+    answer broadcast), which that record marks ``last``: e.g. once the target is reached, when
+    the rest of the budget would not change the steps to target; the learning-rate schedule
+    still spans the whole budget. ``emit`` (if given) receives each record as soon as it
+    exists (for ``runs.jsonl``). ``measure_memory`` adds
     ``peak_memory_mb`` (:func:`peak_memory_mb`, measured before training, untimed) to the
     first record.
     """
@@ -77,9 +85,14 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {len(split.train_x)} training "
                          "examples")
-    total = epochs * steps_per_epoch
-    evals = {round(k * steps_per_epoch / evals_per_epoch)
-             for k in range(1, epochs * evals_per_epoch + 1)} - {0}
+    total = epochs * steps_per_epoch if steps is None else steps
+    if total < 1:
+        raise ValueError(f"the budget must be at least one step, got {total}")
+    if eval_steps is None:
+        evals = {round(k * steps_per_epoch / evals_per_epoch)
+                 for k in range(1, epochs * evals_per_epoch + 1)} - {0}
+    else:
+        evals = {s for s in eval_steps if 0 < s < total} | {total}
     memory = None
     if measure_memory and world == 1:  # the probe's optimizer would join the group's collectives
         probe = (split.train_x[:batch_size], split.train_y[:batch_size])
@@ -104,7 +117,7 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
     records = [first]
     _emit(records[-1], emit, rank)
     wall, step, losses, times = 0.0, 0, [], []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, math.ceil(total / steps_per_epoch) + 1):
         bar = _progress(steps_per_epoch, f"{task.name} {optimizer} s{seed} e{epoch}", quiet)
         if world == 1:
             batches = iterate_minibatches(train_x, train_y, batch_size, shuffle)
@@ -141,6 +154,8 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
                 record["kl_clip_factors"] = kl.take()
             if getattr(opt, "damping_adaptation", None) is not None:
                 record["damping"] = opt.damping
+            if stop_when is not None and not record["last"]:
+                record["last"] = _on_rank_zero(stop_when, record, rank, world)
             records.append(record)
             if bar is None and rank == 0:
                 print(f"{task.name} {optimizer} seed {seed} step {step} (epoch "
@@ -150,11 +165,11 @@ def run(task: Task, split: Split, optimizer: str, hparams: dict[str, float], see
                 bar.set_postfix(loss=f"{train_loss:.4f}", **{task.metric: f"{metric:.4f}"})
             _emit(record, emit, rank)
             losses, times = [], []
-            if diverged:
+            if record["last"]:
                 break
         if bar is not None:
             bar.close()
-        if records[-1]["diverged"]:
+        if records[-1]["last"]:
             break
     return records
 
@@ -247,6 +262,18 @@ def _world() -> tuple[int, int]:
 def _evaluate(task: Task, model: nn.Module, split: Split, rank: int) -> float:
     """The test metric, computed on rank 0 only (NaN elsewhere: only rank 0 records)."""
     return task.evaluate(model, split.eval_x, split.eval_y) if rank == 0 else math.nan
+
+
+def _on_rank_zero(question: Callable[[dict], bool], record: dict, rank: int,
+                  world: int) -> bool:
+    """``question(record)`` asked on rank 0 (whose records hold the metric), its answer
+    broadcast to every rank."""
+    answer = question(record) if rank == 0 else False
+    if world == 1:
+        return answer
+    flag = torch.tensor([float(answer)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _mean_over_ranks(value: float, world: int) -> float:

@@ -85,11 +85,12 @@ def fixed(task: str, optimizer: str) -> dict[str, float]:
     return dict(FIXED.get(task, {}).get(optimizer, {}))
 
 
-def draw(optimizer: str, trials: int = TRIALS, seed: int = 0) -> list[dict[str, float]]:
+def draw(optimizer: str, trials: int = TRIALS, seed: int = 0,
+         space: dict[str, Range] | None = None) -> list[dict[str, float]]:
     """The ``trials`` hyper-parameter sets of ``optimizer``: the first points of a scrambled
     Sobol sequence (``optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)``)
-    mapped into :data:`SPACES` ``[optimizer]``. Deterministic for a seed; independent of any
-    result (the sampler ignores objective values).
+    mapped into ``space`` (default :data:`SPACES` ``[optimizer]``). Deterministic for a seed;
+    independent of any result (the sampler ignores objective values).
 
     Optuna's sampler draws the first trial of a study with its independent (random) sampler,
     before it knows the space; that trial is asked for and discarded, so that the returned
@@ -103,15 +104,16 @@ def draw(optimizer: str, trials: int = TRIALS, seed: int = 0) -> list[dict[str, 
     except ImportError as e:
         raise ImportError("the search needs optuna: install the benchmark extra (pip install "
                           "-e '.[bench]')") from e
-    space = {name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
-             for name, r in SPACES[optimizer].items()}
+    ranges = SPACES[optimizer] if space is None else space
+    distributions = {name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+                     for name, r in ranges.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
         study = optuna.create_study(sampler=sampler)
-        study.ask(space)  # the space-defining first trial, drawn at random: discarded
-        return [study.ask(space).params for _ in range(trials)]
+        study.ask(distributions)  # the space-defining first trial, drawn at random: discarded
+        return [study.ask(distributions).params for _ in range(trials)]
 
 
 def first_reaching(records: list[dict], target: float, higher_is_better: bool) -> dict | None:

@@ -183,6 +183,31 @@ def test_runner_evaluates_several_times_per_epoch_and_logs_nu():
     assert all("kl_clip_factors" not in r for r in sgd)
 
 
+def test_runner_takes_a_step_budget_its_evaluation_steps_and_a_stop_rule():
+    """20 steps of 8 steps per pass: 3 passes, the last cut short; the evaluations at the
+    steps asked for and at the end; the schedule spans the 20 steps even when the run stops
+    early, so the stopped run is the whole run's beginning."""
+    task, split = TASKS["digits-mlp"], _tiny_split()
+    whole = run(task, split, "sgd", {"lr": 0.1}, seed=0, epochs=1, batch_size=8, quiet=True,
+                steps=20, eval_steps=[0, 3, 8, 13, 25], warmup_fraction=0.2)
+    assert [r["step"] for r in whole] == [0, 3, 8, 13, 20]
+    assert [r["epoch"] for r in whole] == [0, 3 / 8, 1, 13 / 8, 20 / 8]
+    assert [r["last"] for r in whole] == [False] * 4 + [True]
+    asked = []
+
+    def at_eight(record: dict) -> bool:
+        asked.append(record["step"])
+        return record["step"] >= 8
+
+    cut = run(task, split, "sgd", {"lr": 0.1}, seed=0, epochs=1, batch_size=8, quiet=True,
+              steps=20, eval_steps=[3, 8, 13], warmup_fraction=0.2, stop_when=at_eight)
+    assert asked == [3, 8] and [r["step"] for r in cut] == [0, 3, 8] and cut[-1]["last"]
+    assert [(r["train_loss"], r["test_metric"]) for r in cut] == [
+        (r["train_loss"], r["test_metric"]) for r in whole[:3]]
+    with pytest.raises(ValueError, match="at least one step"):
+        run(task, split, "sgd", {"lr": 0.1}, seed=0, epochs=1, batch_size=8, steps=0)
+
+
 @NEEDS_OPTUNA
 def test_the_adaptive_damping_coordinate_switches_at_one_half():
     model = TASKS["digits-mlp"].build()
