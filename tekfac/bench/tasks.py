@@ -176,14 +176,17 @@ TASKS: dict[str, Task] = {
              "test_accuracy", True, target=0.95, epochs=10),
         # No weight decay: the runs are short for a 0.11 M-parameter model on 2.3 M training
         # characters (no overfitting to fight), and L2 would also pull on the LayerNorm gains
-        # and the tied embedding. Target 3.6 bits per character, fixed before any comparison:
-        # one Adam run with the default hyper-parameters (lr 1e-3, no tuning file) over the
-        # quick preset's budget (2 epochs of 282 steps at batch 128, seed 0) reached 3.67 after
-        # epoch 1 and 3.51 after epoch 2; 3.6 rounds the final value up to a tenth. It is below
-        # the 3.74 of a bigram model fitted to the training text, so it needs context.
+        # and the tied embedding. Budget: 2 epochs of all the training windows (506 steps at
+        # batch 128). Target 3.65 bits per character, fixed before any trial by benchmark v2's
+        # rule (issue #29): the better final test metric of the baselines' pilot at the budget
+        # (SGD lr 0.05 and AdamW lr 1e-3 / wd 1e-2, the defaults, one seed:
+        # docs/results/pilot-v3), AdamW's 3.608 (SGD 3.688), rounded to the easier side at
+        # 0.05 bits. It is below the 3.74 of a bigram model fitted to the training text, so it
+        # needs context. (The earlier 3.6 came from one Adam run trained without the
+        # validation split.)
         Task("text-gpt", "fortunes",
              lambda: models.tiny_gpt(len(CHARACTERS), INPUT_SHAPES["fortunes"][0]),
-             "cross_entropy", "test_bits_per_character", False, target=3.6,
+             "cross_entropy", "test_bits_per_character", False, target=3.65,
              weight_decay=0.0, language_model=True, epochs=2),
     ]
 }
