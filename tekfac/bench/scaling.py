@@ -10,11 +10,16 @@ parallelism buys wall-clock time.
 Protocol, for each task, batch size and optimizer (in that order, so that a partial run has
 whole batch sizes):
 
-1. **Trials.** :data:`TRIALS` points of a scrambled Sobol sequence (the same points at every
-   batch size) over the optimizer's learning rate and, for the Kronecker methods, its damping,
-   in the ranges of :data:`tekfac.bench.search.SPACES`. Every other value (momentum, weight
-   decay, κ, intervals) is the task's tuned value at batch 128 (the tuning files, ``--tuned``):
-   only what the batch size is known to move is retuned. Each trial trains for the task's step
+1. **Trials.** :data:`TRIALS` points of a scrambled Sobol sequence (the same points of the
+   unit square at every batch size) over the optimizer's learning rate and, for the Kronecker
+   methods, its damping, in windows around the task's tuned values ``lr₀`` and ``λ₀`` at batch
+   128 (:func:`space`): the rate from ``lr₀ / 2`` to ``2 · lr₀ · B / 128`` (from half the
+   batch-128 optimum to twice the linear scaling rule, so the square-root rule of the
+   Adam-like methods lies inside), the damping from ``λ₀ / 10`` to ``10 · λ₀``. A few trials
+   cannot search the v2 campaign's ranges of four decades at every batch size; the windows
+   spend them where the literature puts the optimum. Every other value (momentum, weight
+   decay, κ, intervals) is the tuned value at batch 128 (the tuning files, ``--tuned``): only
+   what the batch size is known to move is retuned. Each trial trains for the task's step
    budget (:data:`STEP_BUDGETS`, the same at every batch size, so that the epochs grow with
    ``B``) on the tuning split of the whole training set, with the warm-up and cosine decay over
    the budget, and is evaluated on the validation split at the steps of
@@ -53,7 +58,7 @@ import torch
 
 from tekfac.bench.data import load_dataset
 from tekfac.bench.runner import Split, run
-from tekfac.bench.search import SPACES, draw, first_reaching, select
+from tekfac.bench.search import Range, draw, first_reaching, select
 from tekfac.bench.tasks import TASKS, Task
 from tekfac.bench.tune import TUNED_DIR, load_hparams, tuning_split
 
@@ -69,8 +74,8 @@ STEP_BUDGETS = {"fmnist-cnn": 600, "fmnist-autoencoder": 600}
 BATCH_SIZES = (128, 512, 2048)
 OPTIMIZERS = ("sgd", "adamw", "muon", "soap", "kfac", "tekfac")
 TRIALS = 8
-#: The hyper-parameters retuned at every batch size.
-RETUNED = ("lr", "damping")
+#: The batch size the tuning files' values belong to, the windows' reference.
+BASE_BATCH = 128
 
 
 def evaluation_steps(budget: int, per_doubling: int = 8) -> list[int]:
@@ -83,10 +88,17 @@ def evaluation_steps(budget: int, per_doubling: int = 8) -> list[int]:
     return sorted(steps)
 
 
-def space(optimizer: str) -> dict:
-    """The ranges searched at every batch size: those of :data:`RETUNED` in the optimizer's
-    space of :data:`tekfac.bench.search.SPACES`."""
-    return {k: r for k, r in SPACES[optimizer].items() if k in RETUNED}
+def space(anchor: dict[str, float], batch: int) -> dict[str, Range]:
+    """The log-uniform windows searched at batch size ``batch`` around the values ``anchor``
+    tuned at :data:`BASE_BATCH`: for ``r = batch / BASE_BATCH``, ``lr`` in
+    ``[lr₀ · min(1, r) / 2, 2 · lr₀ · max(1, r)]`` (from half the tuned rate to twice the
+    linear scaling rule's, either way) and, if ``anchor`` has one (the Kronecker methods),
+    ``damping`` in ``[λ₀ / 10, 10 · λ₀]``."""
+    lr, ratio = anchor["lr"], batch / BASE_BATCH
+    ranges = {"lr": Range(lr * min(1.0, ratio) / 2, 2 * lr * max(1.0, ratio))}
+    if "damping" in anchor:
+        ranges["damping"] = Range(anchor["damping"] / 10, 10 * anchor["damping"])
+    return ranges
 
 
 def main_scaling(*, tasks: Sequence[str], batch_sizes: Sequence[int], optimizers: Sequence[str],
@@ -125,8 +137,6 @@ def main_scaling(*, tasks: Sequence[str], batch_sizes: Sequence[int], optimizers
                     optimizers=list(optimizers), trials=trials, seeds=list(range(seeds)),
                     steps=budgets, evaluation_steps={t: evaluation_steps(b)
                                                      for t, b in budgets.items()},
-                    retuned={o: {k: r._asdict() for k, r in space(o).items()}
-                             for o in optimizers},
                     values={t: {"values": {o: h[o] for o in optimizers}, "source": s}
                             for t, (h, s) in anchors.items()})
     settings = json.loads(json.dumps(settings))
@@ -174,7 +184,8 @@ class _Group:
         """The chosen trial's values, after running the trials ``done`` lacks (appended to
         ``done`` and to ``path``) in index order."""
         target = self.task.validation_target
-        points = draw(self.optimizer, trials, space=space(self.optimizer))
+        window = space(self.anchor, self.batch)
+        points = draw(self.optimizer, trials, space=window)
         own = {t["index"]: t for t in done if _has(t, self.key)}
         for index, point in enumerate(points):
             if index in own:
@@ -188,6 +199,7 @@ class _Group:
                          **_outcome(records, target, self.task.higher_is_better),
                          final_val_metric=records[-1]["test_metric"],
                          diverged=records[-1]["diverged"], stopped_at=cap,
+                         window={k: r._asdict() for k, r in window.items()},
                          evaluations=[[r["step"], r["test_metric"]] for r in records])
             own[index] = trial
             done.append(trial)

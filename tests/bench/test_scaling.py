@@ -14,7 +14,7 @@ import torch
 from tekfac.bench import scaling as scaling_module
 from tekfac.bench.data import Dataset
 from tekfac.bench.scaling import evaluation_steps, main_scaling, space, summarize
-from tekfac.bench.search import SPACES, draw
+from tekfac.bench.search import Range, draw
 from tekfac.cli import main
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("optuna") is None,
@@ -30,10 +30,17 @@ def test_evaluation_steps_are_a_geometric_grid_ending_at_the_budget():
     assert evaluation_steps(1) == [1]
 
 
-def test_the_retuned_space_is_the_rate_and_the_kronecker_damping():
-    assert set(space("sgd")) == {"lr"} and space("adamw") == {"lr": SPACES["adamw"]["lr"]}
-    assert space("tekfac") == {"lr": SPACES["tekfac"]["lr"],
-                               "damping": SPACES["tekfac"]["damping"]}
+def test_the_windows_hold_the_tuned_rate_and_twice_the_linear_scaling_rule():
+    assert space({"lr": 0.1, "weight_decay": 0.01}, 128) == {"lr": Range(0.05, 0.2)}
+    assert space({"lr": 0.1}, 2048) == {"lr": Range(0.05, 3.2)}
+    assert space({"lr": 0.1}, 32) == {"lr": Range(0.0125, 0.2)}
+    assert space({"lr": 0.4, "damping": 1e-3, "kl_clip": 1e-4}, 512) == {
+        "lr": Range(0.2, 3.2), "damping": Range(1e-4, 1e-2)}
+    unit = [p["lr"] for p in draw("sgd", 4, space=space({"lr": 1.0}, 128))]
+    wide = [p["lr"] for p in draw("sgd", 4, space=space({"lr": 1.0}, 2048))]
+    # the same Sobol points of the unit interval, mapped into each window (log scale)
+    assert [math.log(u / 0.5) / math.log(4) for u in unit] == pytest.approx(
+        [math.log(w / 0.5) / math.log(64) for w in wide])
 
 
 def _fake_campaign(monkeypatch, steps_to_reach):
@@ -72,13 +79,14 @@ def _scaling(out, **kw):
 
 
 def test_trials_stop_at_the_target_and_at_the_best_steps_so_far(tmp_path, monkeypatch):
-    """The fewer steps the larger the rate (up to 0.3, then never); the trial of the largest
-    rate below 0.3 wins; a trial stops at the target and also at the best steps so far."""
-    lrs = [p["lr"] for p in draw("sgd", 4, space=space("sgd"))]
+    """The fewer steps the smaller the rate (above 0.05 never); the trial with the
+    fewest steps wins (the first of a tie); a trial stops at the target and also at the best
+    steps so far. The rates are drawn in each batch size's window around digits-mlp's default
+    0.05 (no tuning file)."""
 
     def reach(hparams, batch, seed, n_eval):
         lr = hparams["lr"]
-        return None if lr > 0.3 else max(1, round(4 / lr / batch))
+        return None if lr > 0.05 else max(1, round(lr * 16000 / batch))
 
     calls = _fake_campaign(monkeypatch, reach)
     _scaling(tmp_path / "out")
@@ -99,12 +107,20 @@ def test_trials_stop_at_the_target_and_at_the_best_steps_so_far(tmp_path, monkey
                 best = min(best, t["steps_to_target"])
             else:
                 assert t["steps_to_target"] is None
-    chosen = max(lr for lr in lrs if lr <= 0.3)
+    assert any(t["steps_to_target"] is None and reach(t["params"], t["batch_size"], 0, 0)
+               for t in trials)  # a trial the best steps so far stopped before its target
+    for batch in (16, 64):
+        lrs = [p["lr"] for p in draw("sgd", 4, space=space({"lr": 0.05}, batch))]
+        assert [t["params"]["lr"] for t in trials if t["batch_size"] == batch] == lrs
+        assert any(lr > 0.05 for lr in lrs) and any(lr <= 0.05 for lr in lrs)
     runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text()
             .splitlines()]
     assert [(r["batch_size"], r["seed"]) for r in runs] == [(16, s) for s in range(3)] + [
         (64, s) for s in range(3)]
-    assert all(r["params"]["lr"] == chosen for r in runs)
+    for batch in (16, 64):
+        reached = [t for t in trials if t["batch_size"] == batch and t["steps_to_target"]]
+        best = min(reached, key=lambda t: (t["steps_to_target"], t["index"]))
+        assert all(r["params"] == best["params"] for r in runs if r["batch_size"] == batch)
     # the trials are evaluated on the validation split (10 of 100), the seeds on the test set
     assert [(c[2], c[3]) for c in calls] == [(0, 10)] * 4 + [(0, 30), (1, 30), (2, 30)] + [
         (0, 10)] * 4 + [(0, 30), (1, 30), (2, 30)]
